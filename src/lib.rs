@@ -1,0 +1,2 @@
+//! chatd: an XMPP messaging server for phone-number accounts.
+pub mod protocol;

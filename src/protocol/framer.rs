@@ -1,0 +1,388 @@
+//! Incremental XMPP stream framer: bytes in, stream header / stanzas out.
+//!
+//! The framer is a byte state machine in the style of a wire-protocol
+//! parser: [`Framer::feed`] appends whatever the socket produced and
+//! [`Framer::next_frame`] returns `Ok(None)` until a complete top-level
+//! element is buffered. It only finds element boundaries (tracking depth,
+//! quotes and CDATA); the complete stanza is then handed to
+//! [`parse_element`] which validates it strictly. Doing the cheap boundary
+//! scan first lets the size limit apply *before* any tree is built, so an
+//! oversized stanza costs at most `max_stanza` bytes of memory.
+//!
+//! What it refuses, per RFC 6120 §11: DTDs, comments, processing
+//! instructions (other than the XML declaration before the header) and
+//! undefined entities — which is what makes "billion laughs" impossible.
+
+use memchr::memchr;
+
+use super::element::{Element, ParseError, Scope, parse_element, parse_start_tag};
+use super::ns;
+
+/// Longest stream header accepted.
+const MAX_HEADER: usize = 4096;
+
+/// One unit produced by the framer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// `<stream:stream …>` opened (attributes in the element).
+    Header(Element),
+    /// A complete first-level child of the stream.
+    Stanza(Element),
+    /// `</stream:stream>`.
+    Close,
+}
+
+/// Stream-level failures, each mapping to one RFC 6120 stream error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("not-well-formed: {0}")]
+    NotWellFormed(String),
+    #[error("restricted-xml: {0}")]
+    Restricted(&'static str),
+    #[error("policy-violation: stanza exceeds {0} bytes")]
+    TooBig(usize),
+    #[error("invalid-namespace: {0}")]
+    InvalidNamespace(&'static str),
+}
+
+impl FrameError {
+    /// The defined condition element name for `<stream:error/>`.
+    pub fn condition(&self) -> &'static str {
+        match self {
+            FrameError::NotWellFormed(_) => "not-well-formed",
+            FrameError::Restricted(_) => "restricted-xml",
+            FrameError::TooBig(_) => "policy-violation",
+            FrameError::InvalidNamespace(_) => "invalid-namespace",
+        }
+    }
+}
+
+impl From<ParseError> for FrameError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::Restricted(r) => FrameError::Restricted(r),
+            ParseError::TooDeep => FrameError::TooBig(0),
+            ParseError::BadPrefix(p) => FrameError::NotWellFormed(format!("undeclared prefix {p}")),
+            ParseError::NotWellFormed(s) => FrameError::NotWellFormed(s),
+        }
+    }
+}
+
+/// The incremental framer. One per stream; call [`Framer::reset`] on a
+/// stream restart (after STARTTLS and SASL).
+pub struct Framer {
+    buf: Vec<u8>,
+    /// Scan position in `buf`; everything before it has been classified.
+    pos: usize,
+    /// 0 before the header, 1 inside the stream, ≥2 inside a stanza.
+    depth: usize,
+    /// Start of the top-level element being scanned.
+    start: Option<usize>,
+    max_stanza: usize,
+    scope: Scope,
+    /// Whether anything but whitespace was seen (XML decl allowed before).
+    seen_markup: bool,
+}
+
+impl Framer {
+    pub fn new(max_stanza: usize) -> Framer {
+        Framer {
+            buf: Vec::new(),
+            pos: 0,
+            depth: 0,
+            start: None,
+            max_stanza,
+            scope: Scope::client_stream(),
+            seen_markup: false,
+        }
+    }
+
+    /// Forgets everything: a new stream starts with the next byte.
+    pub fn reset(&mut self) {
+        self.buf = Vec::new();
+        self.pos = 0;
+        self.depth = 0;
+        self.start = None;
+        self.seen_markup = false;
+    }
+
+    /// Appends received bytes.
+    pub fn feed(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes buffered but not yet returned as a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Releases the buffer's capacity when nothing is pending, so idle
+    /// connections hold no read memory.
+    pub fn shrink_if_idle(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = Vec::new();
+        }
+    }
+
+    fn consume(&mut self, upto: usize) {
+        self.buf.drain(..upto);
+        self.pos = 0;
+        self.start = None;
+    }
+
+    fn limit(&self) -> usize {
+        if self.depth == 0 { MAX_HEADER } else { self.max_stanza }
+    }
+
+    fn check_size(&self) -> Result<(), FrameError> {
+        if let Some(s) = self.start
+            && self.buf.len() - s > self.limit()
+        {
+            return Err(FrameError::TooBig(self.limit()));
+        }
+        Ok(())
+    }
+
+    /// Returns the next complete frame, `Ok(None)` if more bytes are
+    /// needed.
+    ///
+    /// # Errors
+    /// A [`FrameError`] is final: the stream must be closed with the
+    /// matching stream error.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        loop {
+            if self.start.is_none() {
+                // Between top-level elements: only whitespace may appear.
+                while self.pos < self.buf.len() && self.buf[self.pos].is_ascii_whitespace() {
+                    self.pos += 1;
+                }
+                if self.pos >= self.buf.len() {
+                    self.buf.clear();
+                    self.pos = 0;
+                    return Ok(None);
+                }
+                if self.buf[self.pos] != b'<' {
+                    return Err(FrameError::NotWellFormed("text outside stanza".into()));
+                }
+                // Drop the whitespace so `start` is relative to a clean buffer.
+                let p = self.pos;
+                self.buf.drain(..p);
+                self.pos = 0;
+                self.start = Some(0);
+            }
+            // Inside a top-level element (or its start tag).
+            let Some(lt) = memchr(b'<', &self.buf[self.pos..]).map(|i| i + self.pos) else {
+                self.pos = self.buf.len();
+                self.check_size()?;
+                return Ok(None);
+            };
+            self.pos = lt;
+            let Some(&next) = self.buf.get(lt + 1) else {
+                self.check_size()?;
+                return Ok(None);
+            };
+            match next {
+                b'/' => {
+                    let Some(gt) = memchr(b'>', &self.buf[lt..]).map(|i| i + lt) else {
+                        self.check_size()?;
+                        return Ok(None);
+                    };
+                    self.pos = gt + 1;
+                    self.depth = self.depth.saturating_sub(1);
+                    match self.depth {
+                        0 => {
+                            self.consume(gt + 1);
+                            return Ok(Some(Frame::Close));
+                        }
+                        1 => return self.finish_stanza(gt + 1).map(Some),
+                        _ => {}
+                    }
+                }
+                b'?' => {
+                    if self.depth == 0 && !self.seen_markup && self.buf[lt..].starts_with(b"<?xml") {
+                        let Some(end) = memchr::memmem::find(&self.buf[lt..], b"?>") else {
+                            self.check_size()?;
+                            return Ok(None);
+                        };
+                        self.seen_markup = true;
+                        self.consume(lt + end + 2);
+                        continue;
+                    }
+                    if self.depth == 0 && b"<?xml".starts_with(&self.buf[lt..]) {
+                        return Ok(None);
+                    }
+                    return Err(FrameError::Restricted("processing instruction"));
+                }
+                b'!' => {
+                    const CDATA: &[u8] = b"<![CDATA[";
+                    let have = &self.buf[lt..];
+                    if self.depth >= 2 && have.len() < CDATA.len() && CDATA.starts_with(have) {
+                        return Ok(None);
+                    }
+                    if self.depth >= 2 && have.starts_with(CDATA) {
+                        let Some(end) = memchr::memmem::find(&have[CDATA.len()..], b"]]>") else {
+                            self.check_size()?;
+                            return Ok(None);
+                        };
+                        self.pos = lt + CDATA.len() + end + 3;
+                        continue;
+                    }
+                    if have.starts_with(b"<!--") {
+                        return Err(FrameError::Restricted("comment"));
+                    }
+                    return Err(FrameError::Restricted("DTD"));
+                }
+                _ => {
+                    let Some(gt) = find_tag_end(&self.buf[lt..])? else {
+                        self.check_size()?;
+                        return Ok(None);
+                    };
+                    let gt = gt + lt;
+                    self.seen_markup = true;
+                    let empty = self.buf[gt - 1] == b'/';
+                    self.pos = gt + 1;
+                    if self.depth == 0 {
+                        if empty {
+                            return Err(FrameError::NotWellFormed("empty stream header".into()));
+                        }
+                        let header = parse_start_tag(&self.buf[lt..=gt], &self.scope)?;
+                        if header.local_name() != "stream" || header.ns != ns::STREAM {
+                            return Err(FrameError::InvalidNamespace("stream element"));
+                        }
+                        let default_ns = header.attr("xmlns").unwrap_or("");
+                        if default_ns != ns::CLIENT {
+                            return Err(FrameError::InvalidNamespace("default namespace"));
+                        }
+                        self.depth = 1;
+                        self.consume(gt + 1);
+                        return Ok(Some(Frame::Header(header)));
+                    }
+                    if empty {
+                        if self.depth == 1 {
+                            return self.finish_stanza(gt + 1).map(Some);
+                        }
+                    } else {
+                        self.depth += 1;
+                    }
+                }
+            }
+            self.check_size()?;
+        }
+    }
+
+    fn finish_stanza(&mut self, end: usize) -> Result<Frame, FrameError> {
+        let start = self.start.unwrap_or(0);
+        if end - start > self.max_stanza {
+            return Err(FrameError::TooBig(self.max_stanza));
+        }
+        let el = parse_element(&self.buf[start..end], &self.scope)?;
+        self.consume(end);
+        Ok(Frame::Stanza(el))
+    }
+}
+
+/// Finds the `>` closing a start tag, skipping quoted attribute values.
+fn find_tag_end(tag: &[u8]) -> Result<Option<usize>, FrameError> {
+    let mut quote = 0u8;
+    for (i, &b) in tag.iter().enumerate().skip(1) {
+        if quote != 0 {
+            if b == quote {
+                quote = 0;
+            } else if b == b'<' {
+                return Err(FrameError::NotWellFormed("'<' in attribute value".into()));
+            }
+            continue;
+        }
+        match b {
+            b'"' | b'\'' => quote = b,
+            b'>' => return Ok(Some(i)),
+            b'<' => return Err(FrameError::NotWellFormed("'<' inside tag".into())),
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HDR: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
+
+    fn frames(chunks: &[&str]) -> Result<Vec<Frame>, FrameError> {
+        let mut f = Framer::new(1024);
+        let mut out = Vec::new();
+        for c in chunks {
+            f.feed(c.as_bytes());
+            while let Some(fr) = f.next_frame()? {
+                out.push(fr);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn header_stanzas_close_byte_by_byte() {
+        let doc = format!("{HDR} <message to='a@b'><body>x &gt; y<![CDATA[<z>]]></body></message>\n<presence/></stream:stream>");
+        let chunks: Vec<String> = doc.chars().map(|c| c.to_string()).collect();
+        let refs: Vec<&str> = chunks.iter().map(|s| s.as_str()).collect();
+        let out = frames(&refs).unwrap();
+        assert_eq!(out.len(), 4);
+        assert!(matches!(&out[0], Frame::Header(h) if h.attr("to") == Some("localhost")));
+        match &out[1] {
+            Frame::Stanza(m) => assert_eq!(m.child("body", ns::CLIENT).unwrap().text(), "x > y<z>"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&out[2], Frame::Stanza(p) if p.local_name() == "presence"));
+        assert_eq!(out[3], Frame::Close);
+    }
+
+    #[test]
+    fn quoted_gt_in_attribute() {
+        let out = frames(&[HDR, "<message id='a>b'/>"]).unwrap();
+        assert!(matches!(&out[1], Frame::Stanza(m) if m.attr("id") == Some("a>b")));
+    }
+
+    #[test]
+    fn oversized_stanza_is_policy_violation_before_completion() {
+        let big = format!("<message><body>{}", "x".repeat(2000));
+        assert_eq!(frames(&[HDR, &big]), Err(FrameError::TooBig(1024)));
+    }
+
+    #[test]
+    fn billion_laughs_refused() {
+        let bomb = "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'>]><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+        assert_eq!(frames(&[bomb]), Err(FrameError::Restricted("DTD")));
+        assert!(matches!(
+            frames(&[HDR, "<message><body>&lol;</body></message>"]),
+            Err(FrameError::Restricted(_))
+        ));
+    }
+
+    #[test]
+    fn comments_and_pis_refused() {
+        assert_eq!(frames(&[HDR, "<!-- hi -->"]), Err(FrameError::Restricted("comment")));
+        assert_eq!(frames(&[HDR, "<?foo?>"]), Err(FrameError::Restricted("processing instruction")));
+    }
+
+    #[test]
+    fn malformed_and_namespace_errors() {
+        assert!(matches!(frames(&[HDR, "<a></b>"]), Err(FrameError::NotWellFormed(_))));
+        assert!(matches!(frames(&[HDR, "junk"]), Err(FrameError::NotWellFormed(_))));
+        assert!(matches!(
+            frames(&["<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>"]),
+            Err(FrameError::InvalidNamespace(_))
+        ));
+        assert!(matches!(frames(&["<stream xmlns='jabber:client'>"]), Err(FrameError::InvalidNamespace(_))));
+    }
+
+    #[test]
+    fn reset_starts_new_stream() {
+        let mut f = Framer::new(1024);
+        f.feed(HDR.as_bytes());
+        assert!(matches!(f.next_frame(), Ok(Some(Frame::Header(_)))));
+        f.reset();
+        f.feed(HDR.as_bytes());
+        assert!(matches!(f.next_frame(), Ok(Some(Frame::Header(_)))));
+    }
+}
