@@ -1,0 +1,355 @@
+//! The embedded engine: fjall (an LSM tree) with group commit.
+//!
+//! ## Group commit
+//! Callers apply their write batch directly (journal append + memtable,
+//! microseconds, ordered by fjall's journal lock), so reads see it at once,
+//! and then take a [`Ticket`] from a counter. One syncer thread loops:
+//! read the highest issued ticket `T`, `fdatasync` the journal once,
+//! publish `T` as committed. Every batch whose ticket was issued before
+//! the read was appended before it, so one sync covers the whole group.
+//! Under load a single fsync covers thousands of messages; when idle, a
+//! message waits for exactly one fsync.
+//!
+//! A failed fsync poisons fjall; the server then cannot promise
+//! durability any more and exits so that it restarts from the journal.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use tokio::sync::watch;
+
+use super::codec::{self, decode_message, encode_message, offline_key, owner_prefix, roster_key};
+use super::{
+    Durability, OfflineStore, Result, RosterItem, RosterStore, StoreError, StoredMessage, Ticket, UserRecord,
+    UserStore,
+};
+
+fn eng(e: fjall::Error) -> StoreError {
+    match e {
+        fjall::Error::Locked => StoreError::Locked,
+        e => StoreError::Engine(e.to_string()),
+    }
+}
+
+struct SyncState {
+    issued: AtomicU64,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+/// fjall-backed implementation of every store trait.
+pub struct FjallStore {
+    db: Database,
+    users: Keyspace,
+    offline: Keyspace,
+    roster: Keyspace,
+    meta: Keyspace,
+    sync: Arc<SyncState>,
+    committed: watch::Receiver<Ticket>,
+    /// Serialises "commit batch, then issue ticket" so tickets follow
+    /// journal order.
+    order: Mutex<()>,
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+const SEQ_HWM: &[u8] = b"offline_seq_hwm";
+
+impl FjallStore {
+    /// Opens (or creates) the database in `dir` and starts the syncer.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] if another process has it open.
+    pub fn open(dir: &Path) -> Result<FjallStore> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let db = Database::builder(dir.join("db"))
+            .cache_size(16 << 20)
+            .worker_threads(1)
+            .max_journaling_size(128 << 20)
+            .manual_journal_persist(true)
+            .open()
+            .map_err(eng)?;
+        let opts = || KeyspaceCreateOptions::default().max_memtable_size(16 << 20).manual_journal_persist(true);
+        let users = db.keyspace("users", opts).map_err(eng)?;
+        let offline = db.keyspace("offline", opts).map_err(eng)?;
+        let roster = db.keyspace("roster", opts).map_err(eng)?;
+        let meta = db.keyspace("meta", opts).map_err(eng)?;
+        let sync = Arc::new(SyncState {
+            issued: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let (tx, committed) = watch::channel(0);
+        let handle = {
+            let db = db.clone();
+            let sync = sync.clone();
+            std::thread::Builder::new()
+                .name("chatd-syncer".into())
+                .spawn(move || syncer(db, sync, tx))
+                .map_err(|e| StoreError::Engine(e.to_string()))?
+        };
+        Ok(FjallStore {
+            db,
+            users,
+            offline,
+            roster,
+            meta,
+            sync,
+            committed,
+            order: Mutex::new(()),
+            syncer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Applies a batch and returns its ticket.
+    fn write(&self, build: impl FnOnce(&mut fjall::OwnedWriteBatch)) -> Result<Ticket> {
+        let mut b = self.db.batch();
+        build(&mut b);
+        let _g = self.order.lock().map_err(|_| StoreError::Closed)?;
+        b.commit().map_err(eng)?;
+        let t = self.sync.issued.fetch_add(1, Ordering::AcqRel) + 1;
+        drop(_g);
+        self.sync.wake.notify_one();
+        Ok(t)
+    }
+
+    fn keys_with_prefix(ks: &Keyspace, prefix: &[u8]) -> Result<Vec<fjall::Slice>> {
+        ks.prefix(prefix).map(|g| g.key().map_err(eng)).collect()
+    }
+}
+
+fn syncer(db: Database, sync: Arc<SyncState>, tx: watch::Sender<Ticket>) {
+    let mut synced = 0;
+    loop {
+        {
+            let Ok(mut g) = sync.lock.lock() else { return };
+            while sync.issued.load(Ordering::Acquire) == synced && !sync.stop.load(Ordering::Acquire) {
+                g = match sync.wake.wait_timeout(g, std::time::Duration::from_millis(200)) {
+                    Ok((g, _)) => g,
+                    Err(_) => return,
+                };
+            }
+        }
+        let target = sync.issued.load(Ordering::Acquire);
+        if target != synced {
+            if let Err(e) = db.persist(PersistMode::SyncData) {
+                tracing::error!(error = %e, "journal fsync failed; exiting so the journal is replayed on restart");
+                std::process::exit(70);
+            }
+            synced = target;
+            tx.send_replace(target);
+        }
+        if sync.stop.load(Ordering::Acquire) && sync.issued.load(Ordering::Acquire) == synced {
+            return;
+        }
+    }
+}
+
+impl Durability for FjallStore {
+    fn committed(&self) -> watch::Receiver<Ticket> {
+        self.committed.clone()
+    }
+
+    fn shutdown(&self) {
+        self.sync.stop.store(true, Ordering::Release);
+        self.sync.wake.notify_all();
+        if let Ok(mut h) = self.syncer.lock()
+            && let Some(h) = h.take()
+        {
+            let _ = h.join();
+        }
+        let _ = self.db.persist(PersistMode::SyncAll);
+    }
+}
+
+impl Drop for FjallStore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl UserStore for FjallStore {
+    fn get_user(&self, local: &str) -> Result<Option<UserRecord>> {
+        match self.users.get(local).map_err(eng)? {
+            Some(v) => Ok(Some(codec::from_json(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_user(&self, local: &str, rec: &UserRecord) -> Result<Ticket> {
+        let v = codec::json(rec);
+        self.write(|b| b.insert(&self.users, local, v))
+    }
+
+    fn put_users(&self, recs: &[(String, UserRecord)]) -> Result<Ticket> {
+        self.write(|b| {
+            for (l, r) in recs {
+                b.insert(&self.users, l.as_str(), codec::json(r));
+            }
+        })
+    }
+
+    fn delete_user(&self, local: &str) -> Result<Ticket> {
+        self.write(|b| b.remove(&self.users, local))
+    }
+
+    fn list_users(&self) -> Result<Vec<String>> {
+        self.users
+            .iter()
+            .map(|g| {
+                let k = g.key().map_err(eng)?;
+                String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("user key".into()))
+            })
+            .collect()
+    }
+}
+
+impl OfflineStore for FjallStore {
+    fn push(&self, items: &[(&str, u64, &StoredMessage)]) -> Result<Ticket> {
+        let hwm = items.iter().map(|(_, s, _)| *s).max().unwrap_or(0);
+        self.write(|b| {
+            for (local, seq, m) in items {
+                b.insert(&self.offline, offline_key(local, *seq), encode_message(m));
+            }
+            b.insert(&self.meta, SEQ_HWM, hwm.to_be_bytes());
+        })
+    }
+
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<Ticket> {
+        self.write(|b| {
+            for s in seqs {
+                b.remove(&self.offline, offline_key(local, *s));
+            }
+        })
+    }
+
+    fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>> {
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        let from = offline_key(local, after.saturating_add(1));
+        let to = offline_key(local, upto);
+        let mut out = Vec::new();
+        for g in self.offline.range(from..=to) {
+            let (k, v) = g.into_inner().map_err(eng)?;
+            out.push((codec::seq_of(&k)?, decode_message(&v)?));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn count(&self, local: &str) -> Result<usize> {
+        let mut n = 0;
+        for g in self.offline.prefix(owner_prefix(local)) {
+            g.key().map_err(eng)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn clear(&self, local: &str) -> Result<Ticket> {
+        let keys = Self::keys_with_prefix(&self.offline, &owner_prefix(local))?;
+        self.write(|b| {
+            for k in keys {
+                b.remove(&self.offline, k);
+            }
+        })
+    }
+
+    fn expire(&self, cutoff_ms: u64) -> Result<usize> {
+        let mut doomed = Vec::new();
+        for g in self.offline.iter() {
+            let (k, v) = g.into_inner().map_err(eng)?;
+            if decode_message(&v).map(|m| m.ts_ms < cutoff_ms).unwrap_or(true) {
+                doomed.push(k);
+            }
+        }
+        let n = doomed.len();
+        for chunk in doomed.chunks(1000) {
+            self.write(|b| {
+                for k in chunk {
+                    b.remove(&self.offline, k.clone());
+                }
+            })?;
+        }
+        Ok(n)
+    }
+
+    fn max_seq(&self) -> Result<u64> {
+        Ok(match self.meta.get(SEQ_HWM).map_err(eng)? {
+            Some(v) => codec::seq_of(&v)?,
+            None => 0,
+        })
+    }
+}
+
+impl RosterStore for FjallStore {
+    fn roster(&self, owner: &str) -> Result<Vec<RosterItem>> {
+        self.roster
+            .prefix(owner_prefix(owner))
+            .map(|g| codec::from_json(&g.value().map_err(eng)?))
+            .collect()
+    }
+
+    fn roster_item(&self, owner: &str, contact: &str) -> Result<Option<RosterItem>> {
+        match self.roster.get(roster_key(owner, contact)).map_err(eng)? {
+            Some(v) => Ok(Some(codec::from_json(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_roster_item(&self, owner: &str, item: &RosterItem) -> Result<Ticket> {
+        let v = codec::json(item);
+        self.write(|b| b.insert(&self.roster, roster_key(owner, &item.jid), v))
+    }
+
+    fn remove_roster_item(&self, owner: &str, contact: &str) -> Result<Ticket> {
+        self.write(|b| b.remove(&self.roster, roster_key(owner, contact)))
+    }
+
+    fn clear_roster(&self, owner: &str) -> Result<Ticket> {
+        let keys = Self::keys_with_prefix(&self.roster, &owner_prefix(owner))?;
+        self.write(|b| {
+            for k in keys {
+                b.remove(&self.roster, k);
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Stores;
+
+    #[tokio::test]
+    async fn queue_survives_reopen_in_order() {
+        let dir = std::env::temp_dir().join(format!("chatd-fjall-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let s = Stores::open_fjall(&dir).unwrap();
+            let m = |i: u64| StoredMessage { ts_ms: i, xml: format!("<message id='{i}'/>") };
+            let (a, b, c) = (m(1), m(2), m(3));
+            let t = s.offline.push(&[("100", 1, &a), ("100", 2, &b), ("200", 3, &c)]).unwrap();
+            let mut rx = s.durability.committed();
+            crate::storage::wait_durable(&mut rx, t).await.unwrap();
+            s.offline.remove("100", &[1]).unwrap();
+            assert!(matches!(Stores::open_fjall(&dir), Err(StoreError::Locked)));
+            s.durability.shutdown();
+        }
+        let s = Stores::open_fjall(&dir).unwrap();
+        let q = s.offline.list("100", 0, u64::MAX, 10).unwrap();
+        assert_eq!(q.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(s.offline.count("200").unwrap(), 1);
+        assert_eq!(s.offline.max_seq().unwrap(), 3);
+        assert_eq!(s.offline.expire(3).unwrap(), 1);
+        assert_eq!(s.offline.count("100").unwrap(), 0);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

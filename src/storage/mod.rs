@@ -1,0 +1,240 @@
+//! Storage traits and their implementations.
+//!
+//! Feature code sees only the traits in this module ([`UserStore`],
+//! [`OfflineStore`], [`RosterStore`]) plus the [`Durability`] watermark.
+//! Two engines implement them:
+//! - [`fjall_store::FjallStore`]: the embedded, durable default, with a
+//!   group-commit writer thread;
+//! - [`memory::MemoryStore`]: in-process maps for unit tests.
+//!
+//! A clustered backend implements the same traits.
+//!
+//! ## Write tickets
+//! Every mutating call returns a [`Ticket`]: a position in the store's
+//! single write order. A write is *durable* once
+//! [`Durability::committed`] has reached its ticket. Reads see writes
+//! as soon as the call returns (before they are durable); the server only
+//! promises anything to a client (a XEP-0198 ack) once the ticket is
+//! durable.
+
+pub mod codec;
+pub mod fjall_store;
+pub mod memory;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Position of a write in the store's commit order.
+pub type Ticket = u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("the data directory is in use by another chatd process")]
+    Locked,
+    #[error("store is shut down")]
+    Closed,
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// SCRAM credentials for one hash function (RFC 5802 §3).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScramKeys {
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+    pub stored_key: Vec<u8>,
+    pub server_key: Vec<u8>,
+}
+
+/// An account. The password itself is never stored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserRecord {
+    pub sha1: ScramKeys,
+    pub sha256: ScramKeys,
+    pub created_ms: u64,
+    /// Bumped when the password changes, so live sessions authenticated
+    /// with an older key can be told apart.
+    #[serde(default)]
+    pub key_generation: u32,
+}
+
+/// A message waiting for its recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// When the server accepted it (unix ms): the XEP-0203 stamp and the
+    /// expiry clock.
+    pub ts_ms: u64,
+    /// The serialised stanza, `from`/`to` already stamped.
+    pub xml: String,
+}
+
+/// RFC 6121 subscription state of a roster item.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Subscription {
+    #[default]
+    None,
+    To,
+    From,
+    Both,
+}
+
+impl Subscription {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subscription::None => "none",
+            Subscription::To => "to",
+            Subscription::From => "from",
+            Subscription::Both => "both",
+        }
+    }
+    /// The contact receives the owner's presence.
+    pub fn has_from(self) -> bool {
+        matches!(self, Subscription::From | Subscription::Both)
+    }
+    /// The owner receives the contact's presence.
+    pub fn has_to(self) -> bool {
+        matches!(self, Subscription::To | Subscription::Both)
+    }
+    pub fn with_to(self, on: bool) -> Subscription {
+        Subscription::from_bits(on, self.has_from())
+    }
+    pub fn with_from(self, on: bool) -> Subscription {
+        Subscription::from_bits(self.has_to(), on)
+    }
+    fn from_bits(to: bool, from: bool) -> Subscription {
+        match (to, from) {
+            (false, false) => Subscription::None,
+            (true, false) => Subscription::To,
+            (false, true) => Subscription::From,
+            (true, true) => Subscription::Both,
+        }
+    }
+}
+
+/// One contact in an owner's roster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct RosterItem {
+    /// Bare JID of the contact.
+    pub jid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub subscription: Subscription,
+    /// The owner asked to subscribe and awaits an answer.
+    #[serde(default)]
+    pub ask: bool,
+    /// The contact asked to subscribe to the owner and awaits an answer.
+    #[serde(default)]
+    pub pending_in: bool,
+    /// The owner pre-approved a subscription from the contact.
+    #[serde(default)]
+    pub approved: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Hidden items exist only to carry subscription state and are not
+    /// returned by roster get (RFC 6121 §3.1.3 "none" without ask).
+    #[serde(default)]
+    pub hidden: bool,
+}
+
+/// Accounts and their credentials, keyed by localpart.
+pub trait UserStore: Send + Sync {
+    fn get_user(&self, local: &str) -> Result<Option<UserRecord>>;
+    fn put_user(&self, local: &str, rec: &UserRecord) -> Result<Ticket>;
+    /// Writes many accounts as one batch (bulk import).
+    fn put_users(&self, recs: &[(String, UserRecord)]) -> Result<Ticket>;
+    fn delete_user(&self, local: &str) -> Result<Ticket>;
+    fn list_users(&self) -> Result<Vec<String>>;
+}
+
+/// Per-recipient queues of messages not yet acknowledged by any device.
+///
+/// Sequence numbers are assigned by the caller and are strictly
+/// increasing across the whole store, so a queue read in key order is in
+/// arrival order.
+pub trait OfflineStore: Send + Sync {
+    /// Appends messages (possibly to several recipients) in one write.
+    fn push(&self, items: &[(&str, u64, &StoredMessage)]) -> Result<Ticket>;
+    /// Deletes the given sequence numbers of one recipient.
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<Ticket>;
+    /// Messages of `local` with `seq <= upto`, in order, at most `limit`.
+    fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>>;
+    fn count(&self, local: &str) -> Result<usize>;
+    /// Deletes the whole queue of `local`.
+    fn clear(&self, local: &str) -> Result<Ticket>;
+    /// Deletes messages accepted before `cutoff_ms`; returns how many.
+    fn expire(&self, cutoff_ms: u64) -> Result<usize>;
+    /// Highest sequence number ever stored (0 if none).
+    fn max_seq(&self) -> Result<u64>;
+}
+
+/// Rosters (RFC 6121), keyed by owner localpart and contact bare JID.
+pub trait RosterStore: Send + Sync {
+    fn roster(&self, owner: &str) -> Result<Vec<RosterItem>>;
+    fn roster_item(&self, owner: &str, contact: &str) -> Result<Option<RosterItem>>;
+    fn put_roster_item(&self, owner: &str, item: &RosterItem) -> Result<Ticket>;
+    fn remove_roster_item(&self, owner: &str, contact: &str) -> Result<Ticket>;
+    fn clear_roster(&self, owner: &str) -> Result<Ticket>;
+}
+
+/// The durable-commit watermark shared by every store of one engine.
+pub trait Durability: Send + Sync {
+    /// A receiver whose value is the highest durable ticket.
+    fn committed(&self) -> watch::Receiver<Ticket>;
+    /// Flushes everything and stops background work.
+    fn shutdown(&self);
+}
+
+/// Waits until `ticket` is durable.
+///
+/// # Errors
+/// [`StoreError::Closed`] if the engine stopped first.
+pub async fn wait_durable(rx: &mut watch::Receiver<Ticket>, ticket: Ticket) -> Result<()> {
+    rx.wait_for(|c| *c >= ticket)
+        .await
+        .map(|_| ())
+        .map_err(|_| StoreError::Closed)
+}
+
+/// All stores of one engine.
+#[derive(Clone)]
+pub struct Stores {
+    pub users: Arc<dyn UserStore>,
+    pub offline: Arc<dyn OfflineStore>,
+    pub roster: Arc<dyn RosterStore>,
+    pub durability: Arc<dyn Durability>,
+}
+
+impl Stores {
+    /// In-memory stores for tests.
+    pub fn memory() -> Stores {
+        let m = Arc::new(memory::MemoryStore::default());
+        Stores {
+            users: m.clone(),
+            offline: m.clone(),
+            roster: m.clone(),
+            durability: m,
+        }
+    }
+
+    /// Opens the embedded engine in `dir`.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] when a running server holds the directory.
+    pub fn open_fjall(dir: &std::path::Path) -> Result<Stores> {
+        let f = Arc::new(fjall_store::FjallStore::open(dir)?);
+        Ok(Stores {
+            users: f.clone(),
+            offline: f.clone(),
+            roster: f.clone(),
+            durability: f,
+        })
+    }
+}
