@@ -1,3 +1,23 @@
 //! chatd: an XMPP messaging server for phone-number accounts.
+//!
+//! # Layout
+//! - [`protocol`]: pure XML framing, stanzas, JIDs, phone numbers (no IO).
+//! - [`c2s`]: client connections: negotiation, TLS, SASL, the session loop.
+//! - [`session`]: the registry of live sessions per account.
+//! - [`router`]: where a stanza goes (live session, offline queue); the
+//!   seam for a multi-node backend.
+//! - [`modules`]: one module per feature or XEP.
+//! - [`storage`]: storage traits, the fjall engine, the in-memory engine.
+//! - [`accounts`], [`admin`]: credentials and the admin interface.
+//! - [`config`], [`server`]: configuration and assembly.
+
+pub mod accounts;
+pub mod admin;
+pub mod c2s;
+pub mod config;
+pub mod modules;
 pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;
 pub mod storage;

@@ -1,1 +1,244 @@
-fn main() {}
+//! The `chatd` command line: `serve` and `user …`.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use chatd::accounts::{self, make_record, now_ms};
+use chatd::admin::{self, Request};
+use chatd::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(name = "chatd", version, about = "XMPP messaging server for phone-number accounts")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// TOML configuration file (see chatd.toml for every key and default).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (store, certificate, admin socket).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// XMPP domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// c2s (STARTTLS) listener, HOST:PORT; port 0 picks a free port.
+        #[arg(long)]
+        c2s: Option<String>,
+        /// Direct-TLS c2s listener (XEP-0368), HOST:PORT.
+        #[arg(long = "c2s-tls")]
+        c2s_tls: Option<String>,
+        /// HTTPS listener, HOST:PORT.
+        #[arg(long)]
+        http: Option<String>,
+        /// Allow SASL without TLS (loopback listeners only).
+        #[arg(long)]
+        allow_plaintext: bool,
+    },
+    /// Manage accounts (works with or without a running server).
+    User {
+        #[command(flatten)]
+        common: Common,
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create an account.
+    Add {
+        phone: String,
+        #[arg(long)]
+        password: String,
+    },
+    /// Delete an account and everything stored for it.
+    Del { phone: String },
+    /// Change an account's password; its sessions are closed.
+    Passwd {
+        phone: String,
+        #[arg(long)]
+        password: String,
+    },
+    /// List accounts.
+    List,
+    /// Import accounts from a CSV file of `phone,password` lines.
+    Import { file: PathBuf },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CHATD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.cmd {
+        Cmd::Serve {
+            common,
+            domain,
+            c2s,
+            c2s_tls,
+            http,
+            allow_plaintext,
+        } => {
+            let ov = Overrides {
+                data_dir: common.data_dir,
+                domain,
+                c2s,
+                c2s_tls,
+                http,
+                allow_plaintext,
+            };
+            let cfg = Config::load(common.config.as_deref(), &ov)?;
+            raise_nofile_limit();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(chatd::server::serve(cfg))
+        }
+        Cmd::User { common, cmd } => {
+            let ov = Overrides {
+                data_dir: common.data_dir,
+                ..Default::default()
+            };
+            let cfg = Config::load(common.config.as_deref(), &ov)?;
+            user(&cfg, cmd)
+        }
+    }
+}
+
+fn local(cfg: &Config, phone: &str) -> anyhow::Result<String> {
+    accounts::account_local(phone, cfg.region()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
+    let dir = &cfg.data_dir;
+    let iters = cfg.auth.scram_iterations;
+    match cmd {
+        UserCmd::Add { phone, password } => {
+            let l = local(cfg, &phone)?;
+            check_password(&password)?;
+            let rec = make_record(&password, iters, now_ms());
+            admin::run(dir, Request::Put { users: vec![(l.clone(), rec)], replace: false, must_exist: false })?;
+            println!("added {l}@{}", cfg.domain);
+        }
+        UserCmd::Del { phone } => {
+            let l = local(cfg, &phone)?;
+            admin::run(dir, Request::Delete { local: l.clone() })?;
+            println!("deleted {l}@{}", cfg.domain);
+        }
+        UserCmd::Passwd { phone, password } => {
+            let l = local(cfg, &phone)?;
+            check_password(&password)?;
+            let mut rec = make_record(&password, iters, now_ms());
+            rec.key_generation = 1;
+            admin::run(dir, Request::Put { users: vec![(l.clone(), rec)], replace: true, must_exist: true })?;
+            println!("password changed for {l}@{}", cfg.domain);
+        }
+        UserCmd::List => {
+            let r = admin::run(dir, Request::List)?;
+            for u in r.users {
+                println!("{u}@{}", cfg.domain);
+            }
+        }
+        UserCmd::Import { file } => import(cfg, &file)?,
+    }
+    Ok(())
+}
+
+fn check_password(p: &str) -> anyhow::Result<()> {
+    if p.is_empty() || p.len() > 1024 {
+        bail!("password must be 1 to 1024 bytes");
+    }
+    Ok(())
+}
+
+/// Imports `phone,password` rows: validates every row first (nothing is
+/// written if one is bad), derives keys on all cores, writes in chunks.
+fn import(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((phone, pw)) = line.split_once(',') else {
+            errors.push(format!("line {}: expected phone,password", i + 1));
+            continue;
+        };
+        let (phone, pw) = (phone.trim().trim_matches('"'), pw.trim_matches('"'));
+        if i == 0 && phone.eq_ignore_ascii_case("phone") {
+            continue;
+        }
+        match local(cfg, phone) {
+            Ok(l) if !pw.is_empty() => rows.push((l, pw.to_string())),
+            Ok(_) => errors.push(format!("line {}: empty password", i + 1)),
+            Err(e) => errors.push(format!("line {}: {e}", i + 1)),
+        }
+    }
+    if !errors.is_empty() {
+        for e in errors.iter().take(10) {
+            eprintln!("{e}");
+        }
+        bail!("{} invalid rows; nothing imported", errors.len());
+    }
+    let started = std::time::Instant::now();
+    let iters = cfg.auth.scram_iterations;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chunk = rows.len().div_ceil(threads).max(1);
+    let now = now_ms();
+    let mut records: Vec<(String, chatd::storage::UserRecord)> = Vec::with_capacity(rows.len());
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = rows
+            .chunks(chunk)
+            .map(|part| sc.spawn(move || part.iter().map(|(l, p)| (l.clone(), make_record(p, iters, now))).collect::<Vec<_>>()))
+            .collect();
+        for h in handles {
+            if let Ok(v) = h.join() {
+                records.extend(v);
+            }
+        }
+    });
+    let mut total = 0;
+    for part in records.chunks(5000) {
+        let r = admin::run(&cfg.data_dir, Request::Put { users: part.to_vec(), replace: true, must_exist: false })?;
+        total += r.count;
+    }
+    eprintln!("imported {total} accounts in {:.1}s", started.elapsed().as_secs_f64());
+    println!("imported {total}");
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard limit: every client is a
+/// file descriptor.
+fn raise_nofile_limit() {
+    #[cfg(unix)]
+    unsafe {
+        let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}

@@ -218,12 +218,24 @@ impl OfflineStore for FjallStore {
         })
     }
 
-    fn remove(&self, local: &str, seqs: &[u64]) -> Result<Ticket> {
-        self.write(|b| {
-            for s in seqs {
-                b.remove(&self.offline, offline_key(local, *s));
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, usize)> {
+        let mut keys = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let k = offline_key(local, *s);
+            if self.offline.contains_key(&k).map_err(eng)? {
+                keys.push(k);
             }
-        })
+        }
+        if keys.is_empty() {
+            return Ok((self.sync.issued.load(Ordering::Acquire), 0));
+        }
+        let n = keys.len();
+        let t = self.write(|b| {
+            for k in keys {
+                b.remove(&self.offline, k);
+            }
+        })?;
+        Ok((t, n))
     }
 
     fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>> {
@@ -338,7 +350,7 @@ mod tests {
             let t = s.offline.push(&[("100", 1, &a), ("100", 2, &b), ("200", 3, &c)]).unwrap();
             let mut rx = s.durability.committed();
             crate::storage::wait_durable(&mut rx, t).await.unwrap();
-            s.offline.remove("100", &[1]).unwrap();
+            assert_eq!(s.offline.remove("100", &[1, 99]).unwrap().1, 1);
             assert!(matches!(Stores::open_fjall(&dir), Err(StoreError::Locked)));
             s.durability.shutdown();
         }

@@ -84,12 +84,10 @@ impl OfflineStore for MemoryStore {
         }
         Ok(self.ticket())
     }
-    fn remove(&self, local: &str, seqs: &[u64]) -> Result<Ticket> {
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, usize)> {
         let mut q = self.offline.lock().map_err(poisoned)?;
-        for s in seqs {
-            q.remove(&(local.to_string(), *s));
-        }
-        Ok(self.ticket())
+        let n = seqs.iter().filter(|s| q.remove(&(local.to_string(), **s)).is_some()).count();
+        Ok((self.ticket(), n))
     }
     fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>> {
         if after >= upto {

@@ -162,8 +162,9 @@ pub trait UserStore: Send + Sync {
 pub trait OfflineStore: Send + Sync {
     /// Appends messages (possibly to several recipients) in one write.
     fn push(&self, items: &[(&str, u64, &StoredMessage)]) -> Result<Ticket>;
-    /// Deletes the given sequence numbers of one recipient.
-    fn remove(&self, local: &str, seqs: &[u64]) -> Result<Ticket>;
+    /// Deletes the given sequence numbers of one recipient; returns how
+    /// many existed.
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, usize)>;
     /// Messages of `local` with `seq <= upto`, in order, at most `limit`.
     fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>>;
     fn count(&self, local: &str) -> Result<usize>;

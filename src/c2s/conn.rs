@@ -1,0 +1,669 @@
+//! One client connection: socket IO, stream negotiation and the event
+//! loop that multiplexes socket reads, outbound stanzas from the router,
+//! durability notifications and timers.
+//!
+//! Negotiation (RFC 6120 §4–7):
+//! `header → [STARTTLS → header] → SASL → header → bind → session`.
+//! Direct-TLS connections (XEP-0368) start with the TLS handshake.
+//!
+//! Memory: an idle plaintext connection holds no read buffer — the loop
+//! waits for readability and only then reserves one, and releases it when
+//! every byte was consumed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+
+use super::sasl::{Exchange, Step, Transport};
+use super::session::Session;
+use crate::modules;
+use crate::protocol::stanza::{stream_error, stream_header};
+use crate::protocol::{Element, Frame, Framer, Jid, ns};
+use crate::server::Server;
+use crate::session::{CloseReason, Outbound, SessionHandle};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl Io {
+    /// Reads once into `buf`'s spare capacity. Cancel-safe.
+    async fn read_into(&mut self, framer: &mut Framer) -> std::io::Result<usize> {
+        match self {
+            Io::Plain(s) => loop {
+                s.readable().await?;
+                let mut tmp = [0u8; 8192];
+                match s.try_read(&mut tmp) {
+                    Ok(n) => {
+                        framer.feed(&tmp[..n]);
+                        return Ok(n);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            },
+            Io::Tls(s) => {
+                let mut tmp = vec![0u8; 8192];
+                let n = s.read(&mut tmp).await?;
+                framer.feed(&tmp[..n]);
+                Ok(n)
+            }
+            Io::Gone => Ok(0),
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Io::Plain(s) => s.write_all(data).await,
+            Io::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Io::Gone => Ok(()),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Io::Plain(s) => s.shutdown().await,
+            Io::Tls(s) => s.shutdown().await,
+            Io::Gone => Ok(()),
+        };
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Before SASL success.
+    Connected,
+    /// Authenticated, resource not yet bound.
+    Authenticated,
+    /// Resource bound: stanzas flow.
+    Bound,
+}
+
+struct Conn {
+    srv: Arc<Server>,
+    io: Io,
+    framer: Framer,
+    peer: SocketAddr,
+    phase: Phase,
+    secure: bool,
+    exporter: Option<Vec<u8>>,
+    sasl: Option<Exchange>,
+    sasl_failures: u8,
+    local: Option<String>,
+    /// Pre-bind output.
+    out: String,
+    session: Option<Session>,
+    rx: Option<mpsc::Receiver<Outbound>>,
+    stream_open: bool,
+    closing: Option<(&'static str, Option<String>)>,
+    /// Peer closed its stream: reply and stop.
+    peer_closed: bool,
+    pending_acks: std::collections::VecDeque<(u32, u64)>,
+    live_ping: Option<Instant>,
+}
+
+/// Runs one connection to completion. Never panics on peer input.
+pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    let max = srv.cfg.limits.max_stanza_bytes;
+    let mut c = Conn {
+        srv,
+        io: Io::Plain(sock),
+        framer: Framer::new(max),
+        peer,
+        phase: Phase::Connected,
+        secure: false,
+        exporter: None,
+        sasl: None,
+        sasl_failures: 0,
+        local: None,
+        out: String::new(),
+        session: None,
+        rx: None,
+        stream_open: false,
+        closing: None,
+        peer_closed: false,
+        pending_acks: Default::default(),
+        live_ping: None,
+    };
+    if direct_tls && !c.upgrade_tls().await {
+        return;
+    }
+    c.run().await;
+    c.finish().await;
+}
+
+impl Conn {
+    fn close(&mut self, condition: &'static str, text: Option<String>) {
+        if self.closing.is_none() {
+            self.closing = Some((condition, text));
+        }
+    }
+
+    async fn upgrade_tls(&mut self) -> bool {
+        let Io::Plain(sock) = std::mem::replace(&mut self.io, Io::Gone) else { return false };
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.srv.tls.clone());
+        let hs = Duration::from_secs(self.srv.cfg.limits.handshake_timeout_secs);
+        match tokio::time::timeout(hs, acceptor.accept(sock)).await {
+            Ok(Ok(tls)) => {
+                let (_, conn) = tls.get_ref();
+                if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+                    let mut buf = vec![0u8; 32];
+                    if conn
+                        .export_keying_material(&mut buf[..], b"EXPORTER-Channel-Binding", None)
+                        .is_ok()
+                    {
+                        self.exporter = Some(buf);
+                    }
+                }
+                self.io = Io::Tls(Box::new(tls));
+                self.secure = true;
+                self.framer.reset();
+                self.stream_open = false;
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+                false
+            }
+        }
+    }
+
+    fn transport(&self) -> Transport {
+        if !self.secure {
+            Transport::Cleartext {
+                allow_plain: self.srv.cfg.listen.allow_plaintext,
+            }
+        } else if self.exporter.is_some() {
+            Transport::TlsExporter
+        } else {
+            Transport::Tls
+        }
+    }
+
+    /// Whether SASL may run on this connection now.
+    fn sasl_allowed(&self) -> bool {
+        self.secure || self.srv.cfg.listen.allow_plaintext
+    }
+
+    async fn run(&mut self) {
+        let limits = self.srv.cfg.limits.clone();
+        let handshake_deadline = Instant::now() + Duration::from_secs(limits.handshake_timeout_secs);
+        let ping_interval = Duration::from_secs(limits.ping_interval_secs.max(1));
+        let ping_timeout = Duration::from_secs(limits.ping_timeout_secs.max(1));
+        let mut committed = self.srv.stores.durability.committed();
+        let mut shutdown = self.srv.shutdown.subscribe();
+        loop {
+            // Read the offline backlog in bounded batches between writes.
+            self.pump_backlog();
+            if !self.flush().await {
+                return;
+            }
+            if self.closing.is_some() || self.peer_closed {
+                return;
+            }
+            let deadline = match (&self.session, self.live_ping) {
+                (None, _) => handshake_deadline,
+                (Some(_), Some(sent)) => sent + ping_timeout,
+                (Some(s), None) => s.last_rx + ping_interval,
+            };
+            let has_rx = self.rx.is_some();
+            let waiting_acks = !self.pending_acks.is_empty();
+            tokio::select! {
+                r = self.io.read_into(&mut self.framer) => {
+                    match r {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            if let Some(s) = self.session.as_mut() { s.last_rx = Instant::now(); }
+                            self.live_ping = None;
+                            if self.process_input().await.is_err() { return; }
+                            self.framer.shrink_if_idle();
+                        }
+                    }
+                }
+                m = recv_opt(&mut self.rx), if has_rx => {
+                    match m {
+                        Some(o) => {
+                            self.outbound(o);
+                            // Drain what is already queued into one write.
+                            for _ in 0..256 {
+                                let Some(rx) = self.rx.as_mut() else { break };
+                                match rx.try_recv() { Ok(o) => self.outbound(o), Err(_) => break }
+                            }
+                            self.after_outbound();
+                        }
+                        None => {
+                            // Registry dropped our handle: slow consumer.
+                            self.rx = None;
+                            self.close("policy-violation", Some("too slow to receive".into()));
+                        }
+                    }
+                }
+                _ = committed.changed(), if waiting_acks => {
+                    let c = *committed.borrow_and_update();
+                    self.release_acks(c);
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    match &mut self.session {
+                        None => self.close("connection-timeout", Some("negotiation took too long".into())),
+                        Some(s) => {
+                            if self.live_ping.is_some() {
+                                self.close("connection-timeout", Some("no answer to ping".into()));
+                            } else {
+                                s.ping_counter += 1;
+                                let id = format!("live{}", s.ping_counter);
+                                let ping = Element::stanza("iq").with_attr("type", "get").with_attr("id", id)
+                                    .with_attr("from", s.domain().to_string()).with_attr("to", s.jid.to_string())
+                                    .with_child(Element::new("ping", ns::PING));
+                                s.send(&ping);
+                                self.live_ping = Some(Instant::now());
+                            }
+                        }
+                    }
+                }
+                _ = shutdown.recv() => {
+                    self.close("system-shutdown", None);
+                }
+            }
+        }
+    }
+
+    fn pump_backlog(&mut self) {
+        let Some(s) = self.session.as_mut() else { return };
+        let Some((after, upto)) = s.backlog else { return };
+        if s.out.len() > 256 * 1024 {
+            return;
+        }
+        let batch = s.srv.router.pending(&s.local, after, upto, 200);
+        if batch.len() < 200 {
+            s.backlog = None;
+        }
+        if let Some((last, _)) = batch.last() {
+            if s.backlog.is_some() {
+                s.backlog = Some((*last, upto));
+            }
+        } else {
+            s.backlog = None;
+        }
+        for (seq, xml) in batch {
+            s.send_xml(xml, Some(seq));
+        }
+        modules::sm::request_acks(s);
+    }
+
+    fn outbound(&mut self, o: Outbound) {
+        let Some(s) = self.session.as_mut() else { return };
+        match o {
+            Outbound::Stanza(xml) => s.send_xml(xml, None),
+            Outbound::Stored { seq, xml } => s.send_xml(xml, Some(seq)),
+            Outbound::Close(reason) => {
+                let (cond, text) = match reason {
+                    CloseReason::Replaced => ("conflict", "replaced by a new connection"),
+                    CloseReason::AccountGone => ("not-authorized", "account removed or credentials changed"),
+                    CloseReason::Shutdown => ("system-shutdown", "server shutting down"),
+                };
+                s.close(cond, Some(text.into()));
+            }
+        }
+    }
+
+    fn after_outbound(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            modules::sm::request_acks(s);
+        }
+    }
+
+    fn release_acks(&mut self, committed: u64) {
+        let Some(s) = self.session.as_mut() else { return };
+        while let Some(&(h, t)) = self.pending_acks.front() {
+            if t > committed {
+                break;
+            }
+            self.pending_acks.pop_front();
+            s.send_nonza(&format!("<a xmlns='urn:xmpp:sm:3' h='{h}'/>"));
+        }
+    }
+
+    /// Writes pending output. Returns false when the socket is gone.
+    async fn flush(&mut self) -> bool {
+        if let Some(s) = self.session.as_mut() {
+            if let Some(c) = s.closing.take() {
+                self.closing.get_or_insert((c.condition, c.text));
+            }
+            if !s.out.is_empty() {
+                self.out.push_str(&s.out);
+                s.out.clear();
+                if s.out.capacity() > 64 * 1024 {
+                    s.out = String::new();
+                }
+            }
+            // SM acks deferred for durability are tracked here.
+            for (h, t) in modules::sm::take_ack_requests(s) {
+                self.pending_acks.push_back((h, t));
+            }
+            let c = *self.srv.stores.durability.committed().borrow();
+            self.release_acks(c);
+            if let Some(s) = self.session.as_mut()
+                && !s.out.is_empty()
+            {
+                self.out.push_str(&s.out);
+                s.out.clear();
+            }
+        }
+        if self.out.is_empty() {
+            return true;
+        }
+        let ok = self.io.write_all(self.out.as_bytes()).await.is_ok();
+        self.out.clear();
+        if self.out.capacity() > 64 * 1024 {
+            self.out = String::new();
+        }
+        ok
+    }
+
+    /// Parses and handles every complete frame in the buffer.
+    async fn process_input(&mut self) -> Result<(), ()> {
+        loop {
+            let frame = match self.framer.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "stream error");
+                    self.close(e.condition(), Some(e.to_string()));
+                    return Ok(());
+                }
+            };
+            match frame {
+                Frame::Header(h) => self.on_header(&h),
+                Frame::Close => {
+                    self.peer_closed = true;
+                    return Ok(());
+                }
+                Frame::Stanza(el) => {
+                    if self.phase == Phase::Bound {
+                        if let Some(s) = self.session.as_mut() {
+                            if el.ns == ns::SM {
+                                modules::sm::handle_nonza(s, &el);
+                            } else {
+                                s.handle_stanza(el);
+                            }
+                        }
+                    } else if self.negotiate(el).await.is_err() {
+                        return Err(());
+                    }
+                }
+            }
+            if self.closing.is_some() || self.session.as_ref().is_some_and(|s| s.closing.is_some()) {
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_header(&mut self, h: &Element) {
+        let id = format!("{:016x}", rand::random::<u64>());
+        let to = h.attr("to").map(|t| t.to_lowercase());
+        self.out.push_str(&stream_header(self.srv.domain(), &id, h.attr("from")));
+        self.stream_open = true;
+        if to.as_deref() != Some(self.srv.domain()) {
+            self.close("host-unknown", Some(format!("this server serves {}", self.srv.domain())));
+            return;
+        }
+        if h.attr("version") != Some("1.0") {
+            self.close("unsupported-version", None);
+            return;
+        }
+        let mut f = Element::new("stream:features", ns::STREAM);
+        f.attrs.clear();
+        match self.phase {
+            Phase::Connected => {
+                if !self.secure {
+                    let mut st = Element::new("starttls", ns::TLS);
+                    if !self.srv.cfg.listen.allow_plaintext {
+                        st.push(Element::stanza("required"));
+                    }
+                    f.push(st);
+                }
+                if self.sasl_allowed() {
+                    let mut m = Element::new("mechanisms", ns::SASL);
+                    for name in self.srv.sasl.offered(self.transport()) {
+                        m.push(Element::stanza("mechanism").with_text(name));
+                    }
+                    f.push(m);
+                    if self.exporter.is_some() {
+                        f.push(
+                            Element::new("sasl-channel-binding", ns::SASL_CB)
+                                .with_child(Element::stanza("channel-binding").with_attr("type", "tls-exporter")),
+                        );
+                    }
+                }
+            }
+            Phase::Authenticated => {
+                f.push(Element::new("bind", ns::BIND));
+                f.push(Element::new("session", ns::SESSION).with_child(Element::stanza("optional")));
+                f.push(Element::new("sm", ns::SM));
+                f.push(Element::new("csi", modules::csi::NS));
+            }
+            Phase::Bound => {}
+        }
+        self.out.push_str(&f.to_xml());
+    }
+
+    /// Handles a top-level element before the resource is bound.
+    async fn negotiate(&mut self, el: Element) -> Result<(), ()> {
+        if !self.stream_open {
+            self.close("not-well-formed", None);
+            return Ok(());
+        }
+        match (self.phase, el.local_name(), el.ns.as_str()) {
+            (Phase::Connected, "starttls", ns::TLS) if !self.secure => {
+                self.out.push_str("<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+                if !self.flush().await {
+                    return Err(());
+                }
+                if self.framer.buffered() > 0 {
+                    // Bytes after <starttls/> before the handshake: a
+                    // plaintext injection attempt (RFC 6120 §5.4.3.3).
+                    return Err(());
+                }
+                if !self.upgrade_tls().await {
+                    return Err(());
+                }
+            }
+            (Phase::Connected, "auth", ns::SASL) if self.sasl_allowed() => self.sasl_start(&el),
+            (Phase::Connected, "response", ns::SASL) => self.sasl_step(&el),
+            (Phase::Connected, "abort", ns::SASL) => {
+                self.sasl = None;
+                self.sasl_fail("aborted");
+            }
+            (Phase::Authenticated, "iq", ns::CLIENT) => self.bind(&el),
+            (Phase::Authenticated, "enable", ns::SM) => {
+                self.out.push_str("<failed xmlns='urn:xmpp:sm:3'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>");
+            }
+            (Phase::Connected, "starttls", ns::TLS) => self.close("policy-violation", Some("TLS already active".into())),
+            (Phase::Connected, "auth", ns::SASL) => {
+                self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>");
+            }
+            _ => self.close("not-authorized", Some("authenticate and bind a resource first".into())),
+        }
+        Ok(())
+    }
+
+    fn sasl_start(&mut self, el: &Element) {
+        let mech = el.attr("mechanism").unwrap_or("");
+        let transport = self.transport();
+        let Some(ex) = self.srv.sasl.start(transport, mech, self.exporter.clone()) else {
+            self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><invalid-mechanism/></failure>");
+            return;
+        };
+        self.sasl = Some(ex);
+        let text = el.text();
+        let data = if text.trim() == "=" { Ok(Vec::new()) } else { B64.decode(text.trim()) };
+        match data {
+            Ok(d) => self.sasl_feed(&d),
+            Err(_) => {
+                self.sasl = None;
+                self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><incorrect-encoding/></failure>");
+            }
+        }
+    }
+
+    fn sasl_step(&mut self, el: &Element) {
+        if self.sasl.is_none() {
+            self.close("policy-violation", Some("no SASL exchange in progress".into()));
+            return;
+        }
+        match B64.decode(el.text().trim()) {
+            Ok(d) => self.sasl_feed(&d),
+            Err(_) => {
+                self.sasl = None;
+                self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><incorrect-encoding/></failure>");
+            }
+        }
+    }
+
+    fn sasl_feed(&mut self, data: &[u8]) {
+        let Some(ex) = self.sasl.as_mut() else { return };
+        match ex.step(data) {
+            Step::Challenge(c) => {
+                self.out.push_str("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
+                self.out.push_str(&B64.encode(c));
+                self.out.push_str("</challenge>");
+            }
+            Step::Success { additional, local } => {
+                self.sasl = None;
+                self.out.push_str("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
+                if !additional.is_empty() {
+                    self.out.push_str(&B64.encode(additional));
+                }
+                self.out.push_str("</success>");
+                self.local = Some(local);
+                self.phase = Phase::Authenticated;
+                self.framer.reset();
+                self.stream_open = false;
+            }
+            Step::Failure => {
+                self.sasl = None;
+                self.sasl_fail("not-authorized");
+            }
+        }
+    }
+
+    fn sasl_fail(&mut self, cond: &str) {
+        self.sasl_failures += 1;
+        self.out.push_str(&format!(
+            "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><{cond}/></failure>"
+        ));
+        if self.sasl_failures >= 3 {
+            self.close("policy-violation", Some("too many authentication failures".into()));
+        }
+    }
+
+    fn bind(&mut self, iq: &Element) {
+        let id = iq.attr("id").unwrap_or("").to_string();
+        let reply_err = |out: &mut String, cond: &str, typ: &str| {
+            out.push_str(&format!(
+                "<iq type='error' id='{}'><error type='{typ}'><{cond} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+                crate::protocol::element::escape(&id)
+            ));
+        };
+        if let Some(s) = iq.child("session", ns::SESSION) {
+            let _ = s;
+            reply_err(&mut self.out, "not-allowed", "cancel");
+            return;
+        }
+        let Some(b) = iq.child("bind", ns::BIND).filter(|_| iq.attr("type") == Some("set")) else {
+            self.close("not-authorized", Some("bind a resource first".into()));
+            return;
+        };
+        let Some(local) = self.local.clone() else { return };
+        let resource = b
+            .child("resource", ns::BIND)
+            .map(|r| r.text().trim().to_string())
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| format!("chatd-{:08x}", rand::random::<u32>()));
+        let jid = match Jid::parse(&format!("{local}@{}/{resource}", self.srv.domain())) {
+            Ok(j) => j,
+            Err(_) => {
+                reply_err(&mut self.out, "bad-request", "modify");
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::channel(self.srv.cfg.limits.session_queue.max(16));
+        let sid = self.srv.next_id();
+        let handle = SessionHandle {
+            id: sid,
+            resource: resource.clone(),
+            tx,
+            available: false,
+            priority: 0,
+            presence: None,
+            interested: false,
+        };
+        for old in self.srv.registry.bind(&local, handle, self.srv.cfg.limits.max_resources) {
+            let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
+        }
+        self.out.push_str(&format!(
+            "<iq type='result' id='{}'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>{}</jid></bind></iq>",
+            crate::protocol::element::escape(&id),
+            crate::protocol::element::escape(&jid.to_string())
+        ));
+        tracing::debug!(jid = %jid, peer = %self.peer, "session bound");
+        self.session = Some(Session::new(self.srv.clone(), sid, jid));
+        self.rx = Some(rx);
+        self.phase = Phase::Bound;
+    }
+
+    /// Ends the connection: stream error or closing tag, then session
+    /// cleanup (presence unavailable, unbind).
+    async fn finish(&mut self) {
+        if let Some(s) = self.session.as_mut()
+            && let Some(c) = s.closing.take()
+        {
+            self.closing.get_or_insert((c.condition, c.text));
+        }
+        let tail = match self.closing.take() {
+            Some((cond, text)) => {
+                let mut t = String::new();
+                if !self.stream_open {
+                    t.push_str(&stream_header(self.srv.domain(), "0", None));
+                }
+                t.push_str(&stream_error(cond, text.as_deref()));
+                Some(t)
+            }
+            None if self.peer_closed => Some("</stream:stream>".to_string()),
+            None => None,
+        };
+        if let Some(t) = tail {
+            let _ = self.flush().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.io.write_all(t.as_bytes())).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
+        }
+        if let Some(mut s) = self.session.take() {
+            modules::presence::session_ended(&mut s);
+            self.srv.registry.unbind(&s.local, s.id, crate::accounts::now_ms());
+        }
+    }
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}

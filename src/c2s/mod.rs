@@ -1,0 +1,50 @@
+//! Client-to-server connections (RFC 6120): accept loop, per-connection
+//! task, stream negotiation (STARTTLS, SASL, bind) and the session's
+//! stanza loop.
+//!
+//! Limits follow the mini-redis pattern: a connection permit is taken
+//! from a semaphore *before* `accept`, so at most `max_connections`
+//! sockets are open and further clients wait in the kernel backlog
+//! instead of exhausting file descriptors.
+
+pub mod conn;
+pub mod sasl;
+pub mod session;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::server::Server;
+
+/// Accepts connections until the task is aborted.
+pub async fn accept_loop(srv: Arc<Server>, listener: TcpListener, direct_tls: bool) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let Ok(permit) = srv.connections.clone().acquire_owned().await else { return };
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = sock.set_nodelay(true);
+                let ka = socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(60))
+                    .with_interval(Duration::from_secs(15));
+                let _ = socket2::SockRef::from(&sock).set_tcp_keepalive(&ka);
+                let srv = srv.clone();
+                tokio::spawn(async move {
+                    conn::run(srv, sock, peer, direct_tls).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                drop(permit);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

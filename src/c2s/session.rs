@@ -1,0 +1,177 @@
+//! A bound session: the per-device state after resource binding, and the
+//! dispatch of its stanzas to feature modules.
+//!
+//! The session does no IO itself: it appends what must be written to
+//! `out`, and the connection task writes it. Feature modules receive
+//! `&mut Session` and reach other accounts only through the router.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::modules;
+use crate::protocol::stanza::{StanzaError, error_reply};
+use crate::protocol::{Element, Jid, ns};
+use crate::server::Server;
+use crate::storage::Ticket;
+
+/// XEP-0198 state of one stream.
+#[derive(Debug, Default)]
+pub struct SmState {
+    /// Stanzas received from the client (the `h` we report).
+    pub inbound: u32,
+    /// Stanzas sent to the client.
+    pub outbound: u32,
+    /// Last `h` the client acknowledged.
+    pub acked: u32,
+    /// Sent and not yet acknowledged, oldest first: the offline sequence
+    /// number (for stored messages) and the bytes.
+    pub unacked: VecDeque<(Option<u64>, Arc<str>)>,
+    /// An `<r/>` is outstanding.
+    pub requested: bool,
+}
+
+/// Why the connection must end, with the stream error to send.
+#[derive(Debug, Clone)]
+pub struct Closing {
+    pub condition: &'static str,
+    pub text: Option<String>,
+}
+
+pub struct Session {
+    pub srv: Arc<Server>,
+    pub id: u64,
+    pub local: String,
+    /// Full JID.
+    pub jid: Jid,
+    pub out: String,
+    pub sm: Option<SmState>,
+    /// Stored messages written to a client without stream management,
+    /// awaiting the answer to `ack_ping`.
+    pub unconfirmed: Vec<u64>,
+    /// Outstanding confirmation ping: its id and how many `unconfirmed`
+    /// entries it covers.
+    pub ack_ping: Option<(String, usize)>,
+    /// Highest store ticket among stanzas received; `<a/>` waits for it.
+    pub max_ticket: Ticket,
+    /// Sent initial presence.
+    pub available: bool,
+    /// Offline queue still to be read: `(after, upto]`.
+    pub backlog: Option<(u64, u64)>,
+    pub closing: Option<Closing>,
+    pub last_rx: Instant,
+    pub ping_counter: u64,
+    /// `<r/>` requests waiting for durability: `(h, ticket)`.
+    pub ack_requests: Vec<(u32, Ticket)>,
+}
+
+impl Session {
+    pub fn new(srv: Arc<Server>, id: u64, jid: Jid) -> Session {
+        Session {
+            srv,
+            id,
+            local: jid.local.clone().unwrap_or_default(),
+            jid,
+            out: String::new(),
+            sm: None,
+            unconfirmed: Vec::new(),
+            ack_ping: None,
+            max_ticket: 0,
+            available: false,
+            backlog: None,
+            closing: None,
+            last_rx: Instant::now(),
+            ping_counter: 0,
+            ack_requests: Vec::new(),
+        }
+    }
+
+    pub fn domain(&self) -> &str {
+        self.srv.domain()
+    }
+
+    pub fn bare(&self) -> Jid {
+        self.jid.bare()
+    }
+
+    /// Writes a stanza to this client (counted by stream management).
+    pub fn send(&mut self, el: &Element) {
+        let xml: Arc<str> = el.to_xml().into();
+        self.send_xml(xml, None);
+    }
+
+    /// Writes serialised stanza bytes; `seq` marks a stored message.
+    pub fn send_xml(&mut self, xml: Arc<str>, seq: Option<u64>) {
+        self.out.push_str(&xml);
+        match self.sm.as_mut() {
+            Some(sm) => {
+                sm.outbound = sm.outbound.wrapping_add(1);
+                sm.unacked.push_back((seq, xml));
+            }
+            None => {
+                if let Some(s) = seq {
+                    self.unconfirmed.push(s);
+                }
+            }
+        }
+    }
+
+    /// Writes a nonza (SM elements, stream-level), not counted.
+    pub fn send_nonza(&mut self, s: &str) {
+        self.out.push_str(s);
+    }
+
+    /// Sends an error reply for `stanza` unless it is itself an error.
+    pub fn reply_error(&mut self, stanza: &Element, err: StanzaError) {
+        if crate::protocol::stanza::is_error(stanza) {
+            return;
+        }
+        let mut e = error_reply(stanza, err, None);
+        e.set_attr("to", self.jid.to_string());
+        if e.attr("from").is_none() {
+            e.set_attr("from", self.domain().to_string());
+        }
+        self.send(&e);
+    }
+
+    pub fn close(&mut self, condition: &'static str, text: Option<String>) {
+        if self.closing.is_none() {
+            self.closing = Some(Closing { condition, text });
+        }
+    }
+
+    /// Handles one stanza from the client.
+    pub fn handle_stanza(&mut self, mut el: Element) {
+        if el.ns == ns::SM {
+            modules::sm::handle_nonza(self, &el);
+            return;
+        }
+        if el.ns == ns::CLIENT && matches!(el.local_name(), "message" | "presence" | "iq") {
+            if let Some(sm) = self.sm.as_mut() {
+                sm.inbound = sm.inbound.wrapping_add(1);
+            }
+            // The server stamps `from`: a forged one is replaced.
+            el.set_attr("from", self.jid.to_string());
+            let to = match el.attr("to") {
+                None | Some("") => None,
+                Some(t) => match Jid::parse(t) {
+                    Ok(j) => Some(j),
+                    Err(_) => {
+                        self.reply_error(&el, StanzaError::JidMalformed);
+                        return;
+                    }
+                },
+            };
+            match el.local_name() {
+                "message" => modules::message::handle(self, el, to),
+                "presence" => modules::presence::handle(self, el, to),
+                _ => modules::iq::handle(self, el, to),
+            }
+            return;
+        }
+        if el.ns == crate::modules::csi::NS {
+            return;
+        }
+        self.close("unsupported-stanza-type", Some(format!("<{}/> in {}", el.local_name(), el.ns)));
+    }
+}

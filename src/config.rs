@@ -1,0 +1,278 @@
+//! Configuration: a TOML file whose every key has a default, overridden
+//! by command-line flags. `chatd.toml` at the repository root documents
+//! each key; [`Config::default`] is the single source of the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The XMPP domain: accounts are `PHONE@domain`.
+    pub domain: String,
+    /// Where the store, certificate and admin socket live.
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+    pub tls: Tls,
+    pub limits: Limits,
+    pub offline: Offline,
+    pub auth: Auth,
+    pub phone: Phone,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listen {
+    /// c2s with STARTTLS. Empty string disables the listener.
+    pub c2s: String,
+    /// c2s with direct TLS (XEP-0368). Empty string disables it.
+    pub c2s_tls: String,
+    /// HTTPS listener (registration API, media). Empty: off.
+    pub http: String,
+    /// Accept SASL without TLS. Only allowed when every c2s listener is
+    /// on loopback.
+    pub allow_plaintext: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain. Empty: a self-signed certificate is
+    /// generated in `DATA_DIR/tls/` on first start.
+    pub cert: String,
+    /// PEM private key for `cert`.
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest stanza accepted; larger gets `policy-violation`.
+    pub max_stanza_bytes: usize,
+    /// Concurrent client connections.
+    pub max_connections: usize,
+    /// Seconds a connection may take to authenticate and bind.
+    pub handshake_timeout_secs: u64,
+    /// Seconds of silence from a client before the server pings it.
+    pub ping_interval_secs: u64,
+    /// Seconds to wait for that ping's answer before closing.
+    pub ping_timeout_secs: u64,
+    /// Resources (devices) per account.
+    pub max_resources: usize,
+    /// Outbound stanzas buffered for one session before it is treated as
+    /// a slow consumer and disconnected (stored messages stay stored).
+    pub session_queue: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Offline {
+    /// Messages held per recipient; beyond it senders get
+    /// `resource-constraint`.
+    pub max_queue: usize,
+    /// Days an undelivered message is kept.
+    pub expiry_days: u64,
+    /// How often the expiry reaper runs, in seconds.
+    pub reap_interval_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// PBKDF2 iterations for new SCRAM keys (RFC 7677 minimum: 4096).
+    pub scram_iterations: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Phone {
+    /// Region (ISO 3166 code) for numbers written in national form.
+    pub default_region: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            domain: "localhost".into(),
+            data_dir: PathBuf::from("./chatd-data"),
+            listen: Listen::default(),
+            tls: Tls::default(),
+            limits: Limits::default(),
+            offline: Offline::default(),
+            auth: Auth::default(),
+            phone: Phone::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            c2s: "0.0.0.0:5222".into(),
+            c2s_tls: "0.0.0.0:5223".into(),
+            http: String::new(),
+            allow_plaintext: false,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_stanza_bytes: 256 * 1024,
+            max_connections: 19_000,
+            handshake_timeout_secs: 30,
+            ping_interval_secs: 120,
+            ping_timeout_secs: 30,
+            max_resources: 10,
+            session_queue: 4096,
+        }
+    }
+}
+
+impl Default for Offline {
+    fn default() -> Self {
+        Offline {
+            max_queue: 10_000,
+            expiry_days: 30,
+            reap_interval_secs: 3600,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth { scram_iterations: 4096 }
+    }
+}
+
+impl Default for Phone {
+    fn default() -> Self {
+        Phone {
+            default_region: "US".into(),
+        }
+    }
+}
+
+/// Flag overrides, applied on top of the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub domain: Option<String>,
+    pub c2s: Option<String>,
+    pub c2s_tls: Option<String>,
+    pub http: Option<String>,
+    pub allow_plaintext: bool,
+}
+
+impl Config {
+    /// Reads `path` (if given) and applies `ov`.
+    ///
+    /// # Errors
+    /// Unreadable file, unknown keys, bad values.
+    pub fn load(path: Option<&Path>, ov: &Overrides) -> anyhow::Result<Config> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str::<Config>(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => Config::default(),
+        };
+        if let Some(d) = &ov.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(d) = &ov.domain {
+            cfg.domain = d.to_lowercase();
+        }
+        if let Some(a) = &ov.c2s {
+            cfg.listen.c2s = a.clone();
+        }
+        if let Some(a) = &ov.c2s_tls {
+            cfg.listen.c2s_tls = a.clone();
+        }
+        if let Some(a) = &ov.http {
+            cfg.listen.http = a.clone();
+        }
+        cfg.listen.allow_plaintext |= ov.allow_plaintext;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that would otherwise fail later or silently.
+    ///
+    /// # Errors
+    /// The first invalid value found.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if crate::protocol::Jid::parse(&self.domain).map(|j| j.local.is_some() || j.resource.is_some()) != Ok(false) {
+            bail!("invalid domain {:?}", self.domain);
+        }
+        if self.limits.max_stanza_bytes < 4096 {
+            bail!("limits.max_stanza_bytes must be at least 4096");
+        }
+        if self.auth.scram_iterations < 4096 {
+            bail!("auth.scram_iterations must be at least 4096 (RFC 7677)");
+        }
+        if self.offline.max_queue == 0 {
+            bail!("offline.max_queue must be positive");
+        }
+        if crate::protocol::phone::region(&self.phone.default_region).is_none() {
+            bail!("phone.default_region {:?} is not a region code", self.phone.default_region);
+        }
+        for a in [&self.listen.c2s, &self.listen.c2s_tls, &self.listen.http] {
+            if !a.is_empty() {
+                parse_addr(a)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The default region as a `phonenumber` id.
+    pub fn region(&self) -> Option<phonenumber::country::Id> {
+        crate::protocol::phone::region(&self.phone.default_region)
+    }
+}
+
+/// Parses `HOST:PORT` (`localhost` allowed).
+///
+/// # Errors
+/// When it is not an address.
+pub fn parse_addr(s: &str) -> anyhow::Result<SocketAddr> {
+    let s2 = s.replace("localhost:", "127.0.0.1:");
+    s2.parse::<SocketAddr>()
+        .with_context(|| format!("{s:?} is not HOST:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_matches_defaults() {
+        let text = include_str!("../chatd.toml");
+        let parsed: Config = toml::from_str(text).unwrap();
+        let d = Config::default();
+        assert_eq!(toml::to_string(&parsed).unwrap(), toml::to_string(&d).unwrap());
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let ov = Overrides {
+            domain: Some("Example.ORG".into()),
+            c2s: Some("127.0.0.1:0".into()),
+            allow_plaintext: true,
+            ..Default::default()
+        };
+        let c = Config::load(None, &ov).unwrap();
+        assert_eq!(c.domain, "example.org");
+        assert_eq!(c.listen.c2s, "127.0.0.1:0");
+        assert!(c.listen.allow_plaintext);
+    }
+
+    #[test]
+    fn rejects_unknown_keys() {
+        assert!(toml::from_str::<Config>("nope = 1").is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! IQ dispatch (RFC 6120 §8.2.3, RFC 6121 §8.5): requests to the server
+//! or to the sender's own account go to the module owning the payload
+//! namespace; requests to another account's full JID are forwarded;
+//! anything unknown gets `service-unavailable`.
+
+use crate::c2s::session::Session;
+use crate::protocol::stanza::{StanzaError, iq_result};
+use crate::protocol::{Element, Jid, ns};
+
+pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
+    let typ = iq.attr("type").unwrap_or("");
+    if !matches!(typ, "get" | "set" | "result" | "error") || iq.attr("id").is_none() {
+        s.reply_error(&iq, StanzaError::BadRequest);
+        return;
+    }
+    let domain = s.domain().to_string();
+    let for_server = match &to {
+        None => true,
+        Some(j) => j.domain == domain && (j.local.is_none() || (j.local.as_deref() == Some(&s.local) && j.resource.is_none())),
+    };
+    if matches!(typ, "result" | "error") {
+        if for_server {
+            super::sm::iq_response(s, &iq);
+        } else if let Some(j) = &to {
+            forward(s, &iq, j);
+        }
+        return;
+    }
+    if let Some(j) = &to
+        && j.domain != domain
+    {
+        s.reply_error(&iq, StanzaError::RemoteServerNotFound);
+        return;
+    }
+    let Some(payload) = iq.first_element().cloned() else {
+        s.reply_error(&iq, StanzaError::BadRequest);
+        return;
+    };
+    if for_server {
+        match (payload.local_name(), payload.ns.as_str()) {
+            ("query", ns::ROSTER) => super::roster::handle_iq(s, &iq, &payload),
+            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) => super::disco::handle(s, &iq, to.as_ref(), &payload),
+            ("ping", ns::PING) => super::ping::handle(s, &iq),
+            ("query", ns::VERSION) if to.as_ref().is_none_or(|j| j.local.is_none()) => super::version::handle(s, &iq),
+            ("session", ns::SESSION) => {
+                let mut r = iq_result(&iq);
+                r.set_attr("to", s.jid.to_string());
+                s.send(&r);
+            }
+            _ => s.reply_error(&iq, StanzaError::ServiceUnavailable),
+        }
+        return;
+    }
+    let Some(j) = to else { return };
+    if j.resource.is_none() {
+        // A request to another account's bare JID is answered by the
+        // server on the account's behalf.
+        match (payload.local_name(), payload.ns.as_str()) {
+            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) => {
+                super::disco::handle(s, &iq, Some(&j), &payload)
+            }
+            ("ping", ns::PING) if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) => {
+                let mut r = iq_result(&iq);
+                r.set_attr("to", s.jid.to_string());
+                s.send(&r);
+            }
+            _ => s.reply_error(&iq, StanzaError::ServiceUnavailable),
+        }
+        return;
+    }
+    forward(s, &iq, &j);
+}
+
+/// Forwards an iq to a full JID; a request nobody receives gets
+/// `service-unavailable` (RFC 6121 §8.5.3.1).
+fn forward(s: &mut Session, iq: &Element, to: &Jid) {
+    let xml: std::sync::Arc<str> = iq.to_xml().into();
+    let n = s.srv.router.transient(to, xml);
+    if n == 0 && matches!(iq.attr("type"), Some("get") | Some("set")) {
+        let mut e = crate::protocol::stanza::error_reply(iq, StanzaError::ServiceUnavailable, None);
+        e.set_attr("to", s.jid.to_string());
+        e.set_attr("from", to.to_string());
+        s.send(&e);
+    }
+}

@@ -1,0 +1,93 @@
+//! Message routing (RFC 6121 §5 and §8.5) and what is stored: chat and
+//! normal messages, including XEP-0184 receipts and XEP-0333 markers,
+//! are durable; XEP-0085 chat states alone, headlines and errors are
+//! delivered live only. Groupchat is not served by this module.
+
+use crate::c2s::session::Session;
+use crate::protocol::stanza::StanzaError;
+use crate::protocol::{Element, Jid, Node};
+use crate::router::{Delivery, MessageClass};
+
+pub const CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+pub const HINTS: &str = "urn:xmpp:hints";
+
+/// Decides whether a message is stored until acknowledged.
+pub fn classify(m: &Element) -> MessageClass {
+    match m.attr("type").unwrap_or("normal") {
+        "headline" | "error" => return MessageClass::LiveOnly,
+        _ => {}
+    }
+    if m.has_child("no-store", HINTS) {
+        return MessageClass::LiveOnly;
+    }
+    let has_text = m
+        .children
+        .iter()
+        .any(|n| matches!(n, Node::Text(t) if !t.trim().is_empty()));
+    let substantive = m.elements().any(|c| c.ns != CHATSTATES && c.ns != HINTS);
+    if !substantive && !has_text {
+        MessageClass::LiveOnly
+    } else {
+        MessageClass::Durable
+    }
+}
+
+pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
+    let typ = m.attr("type").unwrap_or("normal");
+    if !matches!(typ, "normal" | "chat" | "groupchat" | "headline" | "error") {
+        s.reply_error(&m, StanzaError::BadRequest);
+        return;
+    }
+    let Some(to) = to else {
+        // A message to the server itself: nothing consumes it.
+        s.reply_error(&m, StanzaError::ServiceUnavailable);
+        return;
+    };
+    if to.domain != s.domain() {
+        s.reply_error(&m, StanzaError::RemoteServerNotFound);
+        return;
+    }
+    if to.local.is_none() || typ == "groupchat" {
+        s.reply_error(&m, StanzaError::ServiceUnavailable);
+        return;
+    }
+    let class = classify(&m);
+    let original = if typ == "error" { None } else { Some(m.clone()) };
+    match s.srv.router.message(&to, m, class) {
+        Ok(Delivery::Durable(t)) => s.max_ticket = s.max_ticket.max(t),
+        Ok(Delivery::Transient(_)) => {}
+        Err(e) => {
+            if let Some(orig) = original {
+                s.reply_error(&orig, e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::element::{Scope, parse_element};
+
+    fn m(x: &str) -> Element {
+        parse_element(x.as_bytes(), &Scope::client_stream()).unwrap()
+    }
+
+    #[test]
+    fn classifies() {
+        assert_eq!(classify(&m("<message type='chat'><body>x</body></message>")), MessageClass::Durable);
+        assert_eq!(
+            classify(&m("<message><received xmlns='urn:xmpp:receipts' id='1'/></message>")),
+            MessageClass::Durable
+        );
+        assert_eq!(
+            classify(&m("<message type='chat'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>")),
+            MessageClass::LiveOnly
+        );
+        assert_eq!(classify(&m("<message type='headline'><body>x</body></message>")), MessageClass::LiveOnly);
+        assert_eq!(
+            classify(&m("<message><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>")),
+            MessageClass::LiveOnly
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! RFC 6121 §3–4 presence: broadcast to subscribers, probes answered
+//! from the registry, directed presence, and the subscription state
+//! machine (subscribe / subscribed / unsubscribe / unsubscribed) over the
+//! roster. A subscription request to an offline account is kept as
+//! `pending_in` on its roster and re-sent when it next comes online.
+//!
+//! Initial presence is also the moment a session starts receiving
+//! messages: it attaches to the router and schedules the offline backlog.
+
+use std::sync::Arc;
+
+use crate::c2s::session::Session;
+use crate::protocol::{Element, Jid, ns};
+use crate::server::Server;
+use crate::session::Outbound;
+use crate::storage::RosterItem;
+
+pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
+    let typ = p.attr("type").map(str::to_string);
+    match (typ.as_deref(), to) {
+        (None | Some("unavailable"), None) => broadcast(s, p, typ.is_none()),
+        (None | Some("unavailable") | Some("error"), Some(to)) => {
+            if to.domain == s.domain() {
+                let mut p = p;
+                p.set_attr("to", to.to_string());
+                s.srv.router.transient(&to, p.to_xml().into());
+            }
+        }
+        (Some(t @ ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")), Some(to)) => {
+            let t = t.to_string();
+            subscription(s, &t, &to.bare());
+        }
+        (Some("probe"), _) => {}
+        _ => s.reply_error(&p, crate::protocol::stanza::StanzaError::BadRequest),
+    }
+}
+
+/// Delivers `xml` to every available session of the account `local`.
+fn to_account(srv: &Arc<Server>, local: &str, xml: &Arc<str>) {
+    for h in srv.registry.sessions(local) {
+        if h.available {
+            let _ = h.tx.try_send(Outbound::Stanza(xml.clone()));
+        }
+    }
+}
+
+fn local_of<'a>(srv: &Server, j: &'a Jid) -> Option<&'a str> {
+    if j.domain == srv.domain() { j.local.as_deref() } else { None }
+}
+
+/// Broadcasts the session's available or unavailable presence.
+fn broadcast(s: &mut Session, mut p: Element, available: bool) {
+    let srv = s.srv.clone();
+    p.remove_attr("to");
+    let priority = p
+        .child("priority", ns::CLIENT)
+        .and_then(|e| e.text().trim().parse::<i8>().ok())
+        .unwrap_or(0);
+    let xml: Arc<str> = p.to_xml().into();
+    let first = available && !s.available;
+    let id = s.id;
+    srv.registry.with(&s.local, |e| {
+        if let Some(h) = e.session_mut(id) {
+            h.priority = priority;
+            h.presence = if available { Some(xml.clone()) } else { None };
+            if !available {
+                h.available = false;
+            }
+        }
+    });
+    if !available && !s.available {
+        return;
+    }
+    s.available = available;
+    let roster = srv.stores.roster.roster(&s.local).unwrap_or_default();
+    for item in roster.iter().filter(|i| i.subscription.has_from()) {
+        if let Ok(j) = Jid::parse(&item.jid)
+            && let Some(l) = local_of(&srv, &j)
+        {
+            to_account(&srv, l, &xml);
+        }
+    }
+    // The account's other resources see it too.
+    for h in srv.registry.sessions(&s.local) {
+        if h.id != id && h.available {
+            let _ = h.tx.try_send(Outbound::Stanza(xml.clone()));
+        }
+    }
+    if first {
+        let upto = srv.router.attach(&s.local, id);
+        s.backlog = Some((0, upto));
+        // Probes, answered locally from the registry.
+        for item in roster.iter().filter(|i| i.subscription.has_to()) {
+            if let Ok(j) = Jid::parse(&item.jid)
+                && let Some(l) = local_of(&srv, &j)
+            {
+                for h in srv.registry.sessions(l) {
+                    if let (true, Some(px)) = (h.available, h.presence.clone()) {
+                        s.send_xml(px, None);
+                    }
+                }
+            }
+        }
+        for h in srv.registry.sessions(&s.local) {
+            if h.id != id
+                && let (true, Some(px)) = (h.available, h.presence.clone())
+            {
+                s.send_xml(px, None);
+            }
+        }
+        // Subscription requests that arrived while offline.
+        for item in roster.iter().filter(|i| i.pending_in) {
+            let req = Element::stanza("presence")
+                .with_attr("type", "subscribe")
+                .with_attr("from", item.jid.as_str())
+                .with_attr("to", s.bare().to_string());
+            s.send(&req);
+        }
+    }
+}
+
+/// Called when a session ends: it becomes unavailable to everyone.
+pub fn session_ended(s: &mut Session) {
+    if s.available {
+        let p = Element::stanza("presence")
+            .with_attr("type", "unavailable")
+            .with_attr("from", s.jid.to_string());
+        broadcast(s, p, false);
+    }
+}
+
+fn item_of(srv: &Server, owner: &str, contact: &str) -> RosterItem {
+    srv.stores
+        .roster
+        .roster_item(owner, contact)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| RosterItem {
+            jid: contact.to_string(),
+            hidden: true,
+            ..Default::default()
+        })
+}
+
+fn presence_from(from: &str, to: &str, typ: &str) -> Arc<str> {
+    Element::stanza("presence")
+        .with_attr("type", typ)
+        .with_attr("from", from)
+        .with_attr("to", to)
+        .to_xml()
+        .into()
+}
+
+/// Sends the available presences of `from_local`'s sessions to `to_local`.
+fn share_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
+    for h in srv.registry.sessions(from_local) {
+        if let (true, Some(px)) = (h.available, h.presence.clone()) {
+            to_account(srv, to_local, &px);
+        }
+    }
+}
+
+/// Sends unavailable from each of `from_local`'s available sessions.
+fn withdraw_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
+    for h in srv.registry.sessions(from_local) {
+        if h.available {
+            let x = presence_from(&format!("{from_local}@{}/{}", srv.domain(), h.resource), &format!("{to_local}@{}", srv.domain()), "unavailable");
+            to_account(srv, to_local, &x);
+        }
+    }
+}
+
+/// The subscription state machine, for a presence of type `typ` sent
+/// by the session's account (the owner) to `contact` (a bare JID).
+pub fn subscription(s: &mut Session, typ: &str, contact: &Jid) {
+    let srv = s.srv.clone();
+    let owner = s.local.clone();
+    let owner_bare = s.bare().to_string();
+    let cj = contact.to_string();
+    let contact_local = local_of(&srv, contact).map(str::to_string);
+    let contact_exists = contact_local.as_deref().is_some_and(|l| srv.router.account_exists(l));
+    let mut mine = item_of(&srv, &owner, &cj);
+    match typ {
+        "subscribe" => {
+            if !mine.subscription.has_to() {
+                mine.ask = true;
+                mine.hidden = false;
+                crate::modules::roster::save(&srv, &owner, &mine);
+            }
+            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
+            let mut theirs = item_of(&srv, &cl, &owner_bare);
+            if theirs.subscription.has_from() || theirs.approved {
+                theirs.subscription = theirs.subscription.with_from(true);
+                theirs.approved = false;
+                theirs.pending_in = false;
+                crate::modules::roster::save(&srv, &cl, &theirs);
+                mine.ask = false;
+                mine.subscription = mine.subscription.with_to(true);
+                crate::modules::roster::save(&srv, &owner, &mine);
+                to_account(&srv, &owner, &presence_from(&cj, &owner_bare, "subscribed"));
+                share_presence(&srv, &cl, &owner);
+            } else {
+                theirs.pending_in = true;
+                crate::modules::roster::save(&srv, &cl, &theirs);
+                to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "subscribe"));
+            }
+        }
+        "subscribed" => {
+            if mine.subscription.has_from() {
+                return;
+            }
+            if !mine.pending_in {
+                // Pre-approval (RFC 6121 §3.4).
+                mine.approved = true;
+                crate::modules::roster::save(&srv, &owner, &mine);
+                return;
+            }
+            mine.pending_in = false;
+            mine.hidden = false;
+            mine.subscription = mine.subscription.with_from(true);
+            crate::modules::roster::save(&srv, &owner, &mine);
+            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
+            let mut theirs = item_of(&srv, &cl, &owner_bare);
+            if theirs.ask {
+                theirs.ask = false;
+                theirs.hidden = false;
+                theirs.subscription = theirs.subscription.with_to(true);
+                crate::modules::roster::save(&srv, &cl, &theirs);
+            }
+            to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "subscribed"));
+            share_presence(&srv, &owner, &cl);
+        }
+        "unsubscribe" => {
+            if mine.subscription.has_to() || mine.ask {
+                mine.subscription = mine.subscription.with_to(false);
+                mine.ask = false;
+                crate::modules::roster::save(&srv, &owner, &mine);
+            }
+            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
+            let mut theirs = item_of(&srv, &cl, &owner_bare);
+            if theirs.subscription.has_from() || theirs.pending_in {
+                theirs.subscription = theirs.subscription.with_from(false);
+                theirs.pending_in = false;
+                crate::modules::roster::save(&srv, &cl, &theirs);
+                to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "unsubscribe"));
+            }
+            withdraw_presence(&srv, &cl, &owner);
+        }
+        "unsubscribed" => {
+            if mine.subscription.has_from() || mine.pending_in || mine.approved {
+                mine.subscription = mine.subscription.with_from(false);
+                mine.pending_in = false;
+                mine.approved = false;
+                crate::modules::roster::save(&srv, &owner, &mine);
+            }
+            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
+            let mut theirs = item_of(&srv, &cl, &owner_bare);
+            if theirs.subscription.has_to() || theirs.ask {
+                theirs.subscription = theirs.subscription.with_to(false);
+                theirs.ask = false;
+                crate::modules::roster::save(&srv, &cl, &theirs);
+                to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "unsubscribed"));
+            }
+            withdraw_presence(&srv, &owner, &cl);
+        }
+        _ => {}
+    }
+}

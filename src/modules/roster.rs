@@ -1,0 +1,159 @@
+//! RFC 6121 §2 roster management: get, set, remove and pushes to the
+//! account's interested resources.
+
+use std::sync::Arc;
+
+use crate::c2s::session::Session;
+use crate::protocol::stanza::{StanzaError, iq_result};
+use crate::protocol::{Element, Jid, ns};
+use crate::server::Server;
+use crate::session::Outbound;
+use crate::storage::RosterItem;
+
+/// `<item/>` for a roster item.
+pub fn item_element(item: &RosterItem) -> Element {
+    let mut el = Element::stanza("item")
+        .with_attr("jid", item.jid.as_str())
+        .with_attr("subscription", item.subscription.as_str());
+    el.ns = ns::ROSTER.to_string();
+    if let Some(n) = &item.name {
+        el.set_attr("name", n.as_str());
+    }
+    if item.ask {
+        el.set_attr("ask", "subscribe");
+    }
+    for g in &item.groups {
+        let mut ge = Element::stanza("group").with_text(g.as_str());
+        ge.ns = ns::ROSTER.to_string();
+        el.push(ge);
+    }
+    el
+}
+
+/// Sends a roster push for `item` (or its removal) to every resource of
+/// `owner` that requested the roster.
+pub fn push(srv: &Arc<Server>, owner: &str, item: &Element) {
+    let query = Element::new("query", ns::ROSTER).with_child(item.clone());
+    for h in srv.registry.sessions(owner) {
+        if !h.interested {
+            continue;
+        }
+        let iq = Element::stanza("iq")
+            .with_attr("type", "set")
+            .with_attr("id", format!("push{:x}", rand::random::<u32>()))
+            .with_attr("to", format!("{owner}@{}/{}", srv.domain(), h.resource))
+            .with_child(query.clone());
+        let _ = h.tx.try_send(Outbound::Stanza(iq.to_xml().into()));
+    }
+}
+
+/// Saves an item (deleting it when it carries no state) and pushes it.
+pub fn save(srv: &Arc<Server>, owner: &str, item: &RosterItem) {
+    let empty = item.hidden && item.subscription == crate::storage::Subscription::None && !item.ask && !item.pending_in && !item.approved;
+    let r = if empty {
+        srv.stores.roster.remove_roster_item(owner, &item.jid)
+    } else {
+        srv.stores.roster.put_roster_item(owner, item)
+    };
+    if let Err(e) = r {
+        tracing::error!(owner, error = %e, "roster write failed");
+    }
+    if !item.hidden {
+        push(srv, owner, &item_element(item));
+    }
+}
+
+pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
+    match iq.attr("type") {
+        Some("get") => {
+            let id = s.id;
+            s.srv.registry.with(&s.local, |e| {
+                if let Some(h) = e.session_mut(id) {
+                    h.interested = true;
+                }
+            });
+            let items = match s.srv.stores.roster.roster(&s.local) {
+                Ok(v) => v,
+                Err(_) => {
+                    s.reply_error(iq, StanzaError::InternalServerError);
+                    return;
+                }
+            };
+            let mut query = Element::new("query", ns::ROSTER);
+            for it in items.iter().filter(|i| !i.hidden) {
+                query.push(item_element(it));
+            }
+            let mut r = iq_result(iq);
+            r.set_attr("to", s.jid.to_string());
+            r.remove_attr("from");
+            r.push(query);
+            s.send(&r);
+        }
+        Some("set") => set(s, iq, q),
+        _ => s.reply_error(iq, StanzaError::BadRequest),
+    }
+}
+
+fn set(s: &mut Session, iq: &Element, q: &Element) {
+    let items: Vec<&Element> = q.elements().filter(|e| e.is("item", ns::ROSTER)).collect();
+    if items.len() != 1 {
+        s.reply_error(iq, StanzaError::BadRequest);
+        return;
+    }
+    let it = items[0];
+    let Some(contact) = it.attr("jid").and_then(|j| Jid::parse(j).ok()).map(|j| j.bare()) else {
+        s.reply_error(iq, StanzaError::BadRequest);
+        return;
+    };
+    if contact == s.bare() {
+        s.reply_error(iq, StanzaError::NotAllowed);
+        return;
+    }
+    let cjid = contact.to_string();
+    let existing = s.srv.stores.roster.roster_item(&s.local, &cjid).ok().flatten();
+    if it.attr("subscription") == Some("remove") {
+        let Some(item) = existing else {
+            s.reply_error(iq, StanzaError::ItemNotFound);
+            return;
+        };
+        if item.subscription.has_to() || item.ask {
+            super::presence::subscription(s, "unsubscribe", &contact);
+        }
+        if item.subscription.has_from() || item.pending_in {
+            super::presence::subscription(s, "unsubscribed", &contact);
+        }
+        if let Err(e) = s.srv.stores.roster.remove_roster_item(&s.local, &cjid) {
+            tracing::error!(error = %e, "roster remove failed");
+        }
+        let gone = Element::stanza("item")
+            .with_attr("jid", cjid.as_str())
+            .with_attr("subscription", "remove");
+        let mut gone = gone;
+        gone.ns = ns::ROSTER.to_string();
+        push(&s.srv, &s.local, &gone);
+    } else {
+        let mut item = existing.unwrap_or_else(|| RosterItem {
+            jid: cjid.clone(),
+            ..Default::default()
+        });
+        item.hidden = false;
+        item.name = it.attr("name").map(str::to_string).filter(|n| !n.is_empty());
+        let mut groups: Vec<String> = it
+            .elements()
+            .filter(|g| g.is("group", ns::ROSTER))
+            .map(|g| g.text())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        if groups.iter().any(|g| g.is_empty() || g.len() > 1024) || item.name.as_ref().is_some_and(|n| n.len() > 1024) {
+            s.reply_error(iq, StanzaError::NotAcceptable);
+            return;
+        }
+        item.groups = groups;
+        save(&s.srv, &s.local, &item);
+    }
+    let mut r = iq_result(iq);
+    r.set_attr("to", s.jid.to_string());
+    r.remove_attr("from");
+    s.send(&r);
+}

@@ -1,0 +1,16 @@
+//! XEP-0092 Software Version.
+
+use crate::c2s::session::Session;
+use crate::protocol::stanza::iq_result;
+use crate::protocol::{Element, ns};
+
+pub fn handle(s: &mut Session, iq: &Element) {
+    let mut r = iq_result(iq);
+    r.set_attr("to", s.jid.to_string());
+    r.push(
+        Element::new("query", ns::VERSION)
+            .with_child(Element::stanza("name").with_text("chatd"))
+            .with_child(Element::stanza("version").with_text(env!("CARGO_PKG_VERSION"))),
+    );
+    s.send(&r);
+}

@@ -1,0 +1,185 @@
+//! Server assembly: open the store, build the shared [`Server`] state,
+//! bind listeners, run background jobs, shut down cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, broadcast};
+
+use crate::c2s::sasl::Sasl;
+use crate::config::{Config, parse_addr};
+use crate::router::{LocalRouter, Router};
+use crate::session::{CloseReason, Outbound, SessionRegistry};
+use crate::storage::Stores;
+
+/// State shared by every connection and background task.
+pub struct Server {
+    pub cfg: Config,
+    pub stores: Stores,
+    pub registry: Arc<SessionRegistry>,
+    pub router: Arc<dyn Router>,
+    pub sasl: Sasl,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub connections: Arc<Semaphore>,
+    next_id: AtomicU64,
+    pub shutdown: broadcast::Sender<()>,
+}
+
+impl Server {
+    /// Builds the shared state over already-opened stores.
+    ///
+    /// # Errors
+    /// TLS material or store failures.
+    pub fn new(cfg: Config, stores: Stores) -> anyhow::Result<Arc<Server>> {
+        let registry = Arc::new(SessionRegistry::default());
+        let router: Arc<dyn Router> = Arc::new(LocalRouter::new(
+            &cfg.domain,
+            registry.clone(),
+            stores.offline.clone(),
+            stores.users.clone(),
+            cfg.offline.max_queue,
+        )?);
+        let sasl = Sasl::new(stores.users.clone(), &cfg.domain)?;
+        let tls = crate::c2s::tls::server_config(&cfg)?;
+        let connections = Arc::new(Semaphore::new(cfg.limits.max_connections));
+        Ok(Arc::new(Server {
+            cfg,
+            stores,
+            registry,
+            router,
+            sasl,
+            tls,
+            connections,
+            next_id: AtomicU64::new(1),
+            shutdown: broadcast::channel(1).0,
+        }))
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.cfg.domain
+    }
+
+    /// A process-unique id for connections and sessions.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Ends every session of an account (deleted, or its password changed).
+    pub fn kick_account(&self, local: &str) {
+        for s in self.registry.sessions(local) {
+            let _ = s.tx.try_send(Outbound::Close(CloseReason::AccountGone));
+        }
+    }
+}
+
+/// Listeners bound by [`bind`], with their actual addresses.
+pub struct Bound {
+    pub c2s: Option<(TcpListener, SocketAddr)>,
+    pub c2s_tls: Option<(TcpListener, SocketAddr)>,
+}
+
+async fn bind_one(addr: &str) -> anyhow::Result<Option<(TcpListener, SocketAddr)>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let a = parse_addr(addr)?;
+    let l = TcpListener::bind(a).await.with_context(|| format!("binding {a}"))?;
+    let local = l.local_addr()?;
+    Ok(Some((l, local)))
+}
+
+/// Refuses plaintext auth on anything but loopback.
+///
+/// # Errors
+/// When `allow_plaintext` is set and a c2s listener is not on loopback.
+pub fn check_plaintext(cfg: &Config) -> anyhow::Result<()> {
+    if !cfg.listen.allow_plaintext {
+        return Ok(());
+    }
+    for a in [&cfg.listen.c2s, &cfg.listen.c2s_tls] {
+        if a.is_empty() {
+            continue;
+        }
+        let sa = parse_addr(a)?;
+        if !sa.ip().is_loopback() {
+            bail!("--allow-plaintext requires every c2s listener on loopback, but {a} is not");
+        }
+    }
+    tracing::warn!("plaintext SASL allowed on loopback listeners: never use this in production");
+    Ok(())
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+///
+/// # Errors
+/// Startup failures (store locked, ports in use, bad TLS material).
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    check_plaintext(&cfg)?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let stores = Stores::open_fjall(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
+    let srv = Server::new(cfg, stores)?;
+    let bound = Bound {
+        c2s: bind_one(&srv.cfg.listen.c2s).await?,
+        c2s_tls: bind_one(&srv.cfg.listen.c2s_tls).await?,
+    };
+    let admin = crate::admin::listen(srv.clone()).await?;
+    let mut tasks = Vec::new();
+    if let Some((l, a)) = bound.c2s {
+        println!("listening c2s {a}");
+        tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), l, false)));
+    }
+    if let Some((l, a)) = bound.c2s_tls {
+        println!("listening c2s-tls {a}");
+        tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), l, true)));
+    }
+    if !srv.cfg.listen.http.is_empty() {
+        tracing::warn!(addr = %srv.cfg.listen.http, "the HTTP listener is not available in this build; ignoring --http");
+    }
+    tasks.push(tokio::spawn(crate::modules::offline::reaper(srv.clone())));
+    tasks.push(admin);
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    tracing::info!(domain = %srv.cfg.domain, data_dir = %srv.cfg.data_dir.display(), "chatd started");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = srv.shutdown.send(());
+    for s in srv.registry.all() {
+        let _ = s.tx.try_send(Outbound::Close(CloseReason::Shutdown));
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    // Give connections a moment to flush their closing stream errors.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    crate::admin::cleanup(&srv.cfg.data_dir);
+    srv.stores.durability.shutdown();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

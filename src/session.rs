@@ -1,0 +1,244 @@
+//! The session registry: which devices of which account are connected.
+//!
+//! Maps an account localpart to its [`AccountEntry`]: the live sessions
+//! (one per bound resource) and the cached length of its offline queue.
+//! The registry is sharded so that lookups for different accounts do not
+//! contend. An entry's lock is also the account's *delivery lock*: the
+//! router assigns sequence numbers, writes the queue and pushes to live
+//! sessions while holding it, and a session coming online takes it to
+//! draw the line between "read from the store" and "arrives live". That
+//! is what keeps per-recipient order without a per-message lookup.
+//!
+//! Lock order: a shard lock is never held while taking another shard's
+//! lock or any storage lock other than the engine's internal ones.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+/// Why the server closes a session from the outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Another login bound the same resource.
+    Replaced,
+    /// The account was deleted or its password changed.
+    AccountGone,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// What the rest of the server sends to a session's connection task.
+#[derive(Clone, Debug)]
+pub enum Outbound {
+    /// A stanza that needs no acknowledgement tracking.
+    Stanza(Arc<str>),
+    /// A message that sits in the recipient's offline queue under `seq`
+    /// until a device acknowledges it.
+    Stored { seq: u64, xml: Arc<str> },
+    /// Close the stream.
+    Close(CloseReason),
+}
+
+/// The registry's view of one live session.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub resource: String,
+    pub tx: mpsc::Sender<Outbound>,
+    /// Sent initial presence and not yet unavailable.
+    pub available: bool,
+    pub priority: i8,
+    /// Last broadcast available presence (serialised, `from` stamped),
+    /// answered to probes.
+    pub presence: Option<Arc<str>>,
+    /// Requested the roster, so it receives roster pushes.
+    pub interested: bool,
+}
+
+/// One account's live state.
+#[derive(Debug, Default)]
+pub struct AccountEntry {
+    pub sessions: Vec<SessionHandle>,
+    /// Offline queue length, loaded lazily from the store.
+    pub queued: Option<usize>,
+    /// Last time the account had no session left (unix ms), for
+    /// "last seen".
+    pub last_seen_ms: u64,
+}
+
+impl AccountEntry {
+    pub fn session(&self, id: u64) -> Option<&SessionHandle> {
+        self.sessions.iter().find(|s| s.id == id)
+    }
+    pub fn session_mut(&mut self, id: u64) -> Option<&mut SessionHandle> {
+        self.sessions.iter_mut().find(|s| s.id == id)
+    }
+    pub fn by_resource(&self, resource: &str) -> Option<&SessionHandle> {
+        self.sessions.iter().find(|s| s.resource == resource)
+    }
+    /// Available sessions eligible for bare-JID messages (priority ≥ 0).
+    pub fn message_targets(&self) -> impl Iterator<Item = &SessionHandle> {
+        self.sessions.iter().filter(|s| s.available && s.priority >= 0)
+    }
+}
+
+const SHARDS: usize = 64;
+
+/// Sharded map from account localpart to [`AccountEntry`].
+pub struct SessionRegistry {
+    shards: Vec<Mutex<HashMap<String, AccountEntry>>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Default for SessionRegistry {
+    fn default() -> Self {
+        SessionRegistry {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
+}
+
+impl SessionRegistry {
+    fn shard(&self, local: &str) -> &Mutex<HashMap<String, AccountEntry>> {
+        &self.shards[(self.hasher.hash_one(local) as usize) % SHARDS]
+    }
+
+    /// Runs `f` on the account's entry (created if missing) under its lock.
+    pub fn with<R>(&self, local: &str, f: impl FnOnce(&mut AccountEntry) -> R) -> R {
+        let mut g = match self.shard(local).lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let e = match g.get_mut(local) {
+            Some(e) => e,
+            None => g.entry(local.to_string()).or_default(),
+        };
+        f(e)
+    }
+
+    /// Runs `f` only if the account has an entry.
+    pub fn peek<R>(&self, local: &str, f: impl FnOnce(&AccountEntry) -> R) -> Option<R> {
+        let g = match self.shard(local).lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.get(local).map(f)
+    }
+
+    /// Registers a bound session. Returns the handle it replaces (same
+    /// resource) and, if the account is over `max_resources`, the oldest.
+    pub fn bind(&self, local: &str, handle: SessionHandle, max_resources: usize) -> Vec<SessionHandle> {
+        self.with(local, |e| {
+            let mut evicted = Vec::new();
+            if let Some(i) = e.sessions.iter().position(|s| s.resource == handle.resource) {
+                evicted.push(e.sessions.remove(i));
+            }
+            while e.sessions.len() >= max_resources.max(1) {
+                evicted.push(e.sessions.remove(0));
+            }
+            e.sessions.push(handle);
+            evicted
+        })
+    }
+
+    /// Removes a session; drops the entry when nothing remains cached.
+    /// Returns whether the session was still registered.
+    pub fn unbind(&self, local: &str, id: u64, now_ms: u64) -> bool {
+        let mut g = match self.shard(local).lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let Some(e) = g.get_mut(local) else { return false };
+        let before = e.sessions.len();
+        e.sessions.retain(|s| s.id != id);
+        let removed = e.sessions.len() != before;
+        if e.sessions.is_empty() {
+            e.last_seen_ms = now_ms;
+            if e.queued == Some(0) || e.queued.is_none() {
+                g.remove(local);
+            }
+        }
+        removed
+    }
+
+    /// Handles of every session of an account.
+    pub fn sessions(&self, local: &str) -> Vec<SessionHandle> {
+        self.peek(local, |e| e.sessions.clone()).unwrap_or_default()
+    }
+
+    /// Number of live sessions across all accounts.
+    pub fn count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| match s.lock() {
+                Ok(g) => g.values().map(|e| e.sessions.len()).sum::<usize>(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Forgets cached queue lengths (after expiry deleted messages).
+    pub fn invalidate_queue_counts(&self) {
+        for s in &self.shards {
+            if let Ok(mut g) = s.lock() {
+                for e in g.values_mut() {
+                    e.queued = None;
+                }
+            }
+        }
+    }
+
+    /// Every session handle (for shutdown).
+    pub fn all(&self) -> Vec<SessionHandle> {
+        let mut v = Vec::new();
+        for s in &self.shards {
+            if let Ok(g) = s.lock() {
+                v.extend(g.values().flat_map(|e| e.sessions.iter().cloned()));
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(id: u64, res: &str) -> (SessionHandle, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(4);
+        (
+            SessionHandle {
+                id,
+                resource: res.into(),
+                tx,
+                available: false,
+                priority: 0,
+                presence: None,
+                interested: false,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn bind_replaces_same_resource_and_caps() {
+        let r = SessionRegistry::default();
+        let (a, _ra) = handle(1, "phone");
+        let (b, _rb) = handle(2, "phone");
+        let (c, _rc) = handle(3, "desk");
+        assert!(r.bind("1555", a, 2).is_empty());
+        let ev = r.bind("1555", b, 2);
+        assert_eq!(ev.iter().map(|h| h.id).collect::<Vec<_>>(), vec![1]);
+        assert!(r.bind("1555", c, 2).is_empty());
+        let (d, _rd) = handle(4, "tab");
+        assert_eq!(r.bind("1555", d, 2).iter().map(|h| h.id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(r.count(), 2);
+        assert!(r.unbind("1555", 3, 0));
+        assert!(!r.unbind("1555", 3, 0));
+        assert!(r.unbind("1555", 4, 0));
+        assert!(r.peek("1555", |_| ()).is_none());
+    }
+}
