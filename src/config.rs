@@ -65,6 +65,9 @@ pub struct Limits {
     /// Outbound stanzas buffered for one session before it is treated as
     /// a slow consumer and disconnected (stored messages stay stored).
     pub session_queue: usize,
+    /// Seconds a session that enabled XEP-0198 resumption waits for its
+    /// client after the connection drops.
+    pub resume_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,6 +132,7 @@ impl Default for Limits {
             ping_timeout_secs: 30,
             max_resources: 10,
             session_queue: 4096,
+            resume_timeout_secs: 300,
         }
     }
 }

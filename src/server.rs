@@ -26,6 +26,8 @@ pub struct Server {
     pub connections: Arc<Semaphore>,
     next_id: AtomicU64,
     pub shutdown: broadcast::Sender<()>,
+    /// Sessions that enabled XEP-0198 resumption, by resumption id.
+    pub resumable: std::sync::Mutex<std::collections::HashMap<String, crate::c2s::session::Resumable>>,
 }
 
 impl Server {
@@ -55,6 +57,7 @@ impl Server {
             connections,
             next_id: AtomicU64::new(1),
             shutdown: broadcast::channel(1).0,
+            resumable: Default::default(),
         }))
     }
 

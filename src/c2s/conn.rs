@@ -21,12 +21,13 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
 use super::sasl::{Exchange, Step, Transport};
-use super::session::Session;
+use super::session::{Session, Takeover};
 use crate::modules;
 use crate::protocol::stanza::{stream_error, stream_header};
 use crate::protocol::{Element, Frame, Framer, Jid, ns};
 use crate::server::Server;
 use crate::session::{CloseReason, Outbound, SessionHandle};
+use crate::storage::wait_durable;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -113,6 +114,9 @@ struct Conn {
     peer_closed: bool,
     pending_acks: std::collections::VecDeque<(u32, u64)>,
     live_ping: Option<Instant>,
+    /// The connection ended because the transport failed (EOF, reset,
+    /// write error) rather than by a stream error or clean close.
+    closing_was_transport: bool,
 }
 
 /// Runs one connection to completion. Never panics on peer input.
@@ -137,6 +141,7 @@ pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls
         peer_closed: false,
         pending_acks: Default::default(),
         live_ping: None,
+        closing_was_transport: false,
     };
     if direct_tls && !c.upgrade_tls().await {
         return;
@@ -213,6 +218,7 @@ impl Conn {
             // Read the offline backlog in bounded batches between writes.
             self.pump_backlog();
             if !self.flush().await {
+                self.closing_was_transport = true;
                 return;
             }
             if self.closing.is_some() || self.peer_closed {
@@ -228,7 +234,10 @@ impl Conn {
             tokio::select! {
                 r = self.io.read_into(&mut self.framer) => {
                     match r {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => {
+                            self.closing_was_transport = true;
+                            return;
+                        }
                         Ok(_) => {
                             if let Some(s) = self.session.as_mut() { s.last_rx = Instant::now(); }
                             self.live_ping = None;
@@ -264,6 +273,8 @@ impl Conn {
                         None => self.close("connection-timeout", Some("negotiation took too long".into())),
                         Some(s) => {
                             if self.live_ping.is_some() {
+                                // A dead peer: its session may still be resumed.
+                                self.closing_was_transport = true;
                                 self.close("connection-timeout", Some("no answer to ping".into()));
                             } else {
                                 s.ping_counter += 1;
@@ -275,6 +286,16 @@ impl Conn {
                                 self.live_ping = Some(Instant::now());
                             }
                         }
+                    }
+                }
+                t = recv_takeover(self.session.as_mut().and_then(|s| s.takeover.as_mut())) => {
+                    // The client resumed this session on a new connection
+                    // while this one looked alive (half-open).
+                    if let (Some(reply), Some(s), Some(rx)) = (t, self.session.take(), self.rx.take()) {
+                        if let Err((s, _)) = reply.send((s, rx)) {
+                            self.session = Some(s);
+                        }
+                        self.close("conflict", Some("session resumed on another connection".into()));
                     }
                 }
                 _ = shutdown.recv() => {
@@ -308,18 +329,8 @@ impl Conn {
     }
 
     fn outbound(&mut self, o: Outbound) {
-        let Some(s) = self.session.as_mut() else { return };
-        match o {
-            Outbound::Stanza(xml) => s.send_xml(xml, None),
-            Outbound::Stored { seq, xml } => s.send_xml(xml, Some(seq)),
-            Outbound::Close(reason) => {
-                let (cond, text) = match reason {
-                    CloseReason::Replaced => ("conflict", "replaced by a new connection"),
-                    CloseReason::AccountGone => ("not-authorized", "account removed or credentials changed"),
-                    CloseReason::Shutdown => ("system-shutdown", "server shutting down"),
-                };
-                s.close(cond, Some(text.into()));
-            }
+        if let Some(s) = self.session.as_mut() {
+            s.outbound(o);
         }
     }
 
@@ -492,6 +503,7 @@ impl Conn {
                 self.sasl_fail("aborted");
             }
             (Phase::Authenticated, "iq", ns::CLIENT) => self.bind(&el),
+            (Phase::Authenticated, "resume", ns::SM) => self.resume(&el).await,
             (Phase::Authenticated, "enable", ns::SM) => {
                 self.out.push_str("<failed xmlns='urn:xmpp:sm:3'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>");
             }
@@ -654,10 +666,123 @@ impl Conn {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.io.write_all(t.as_bytes())).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
         }
-        if let Some(mut s) = self.session.take() {
-            modules::presence::session_ended(&mut s);
-            self.srv.registry.unbind(&s.local, s.id, crate::accounts::now_ms());
+        let dropped = !self.peer_closed && self.closing_was_transport;
+        if let Some(s) = self.session.take() {
+            match self.rx.take() {
+                Some(rx) if dropped && s.resume_id.is_some() && !s.replaced => {
+                    let timeout = Duration::from_secs(self.srv.cfg.limits.resume_timeout_secs);
+                    let limit = self.srv.cfg.limits.session_queue;
+                    tokio::spawn(park(s, rx, timeout, limit));
+                }
+                _ => s.end(),
+            }
         }
+    }
+
+    /// XEP-0198 §5: resume a parked (or half-open) session.
+    async fn resume(&mut self, el: &Element) {
+        const NOT_FOUND: &str = "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>";
+        let previd = el.attr("previd").unwrap_or("").to_string();
+        let Some(h) = el.attr("h").and_then(|h| h.parse::<u32>().ok()) else {
+            self.out.push_str(NOT_FOUND);
+            return;
+        };
+        let takeover = self.srv.resumable.lock().ok().and_then(|t| {
+            t.get(&previd)
+                .filter(|r| Some(&r.local) == self.local.as_ref())
+                .map(|r| r.takeover.clone())
+        });
+        let Some(takeover) = takeover else {
+            self.out.push_str(NOT_FOUND);
+            return;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if takeover.send(tx).await.is_err() {
+            self.out.push_str(NOT_FOUND);
+            return;
+        }
+        let Ok(Ok((mut s, srx))) = tokio::time::timeout(Duration::from_secs(5), rx).await else {
+            self.out.push_str(NOT_FOUND);
+            return;
+        };
+        let resend = modules::sm::resume(&mut s, h);
+        let Some(resend) = resend else {
+            // h acknowledged more than was sent: a broken client.
+            s.end();
+            self.close("undefined-condition", Some("handled-count-too-high".into()));
+            return;
+        };
+        // The h we report must only cover durable stanzas.
+        let mut committed = self.srv.stores.durability.committed();
+        let _ = wait_durable(&mut committed, s.max_ticket).await;
+        let inbound = s.sm.as_ref().map(|m| m.inbound).unwrap_or(0);
+        self.out.push_str(&format!(
+            "<resumed xmlns='urn:xmpp:sm:3' previd='{}' h='{inbound}'/>",
+            crate::protocol::element::escape(&previd)
+        ));
+        for (seq, xml) in resend {
+            s.send_xml(xml, seq);
+        }
+        modules::sm::request_acks(&mut s);
+        s.last_rx = Instant::now();
+        s.closing = None;
+        tracing::debug!(jid = %s.jid, resent = s.sm.as_ref().map(|m| m.unacked.len()).unwrap_or(0), "session resumed");
+        self.session = Some(s);
+        self.rx = Some(srx);
+        self.phase = Phase::Bound;
+    }
+}
+
+/// Holds a session whose connection dropped, for the resumption window.
+/// Stanzas routed to it meanwhile join its unacknowledged queue and are
+/// re-sent on resumption; stored messages among them stay in the store.
+async fn park(mut s: Session, mut rx: mpsc::Receiver<Outbound>, timeout: Duration, limit: usize) {
+    let Some(mut takeover) = s.takeover.take() else {
+        s.end();
+        return;
+    };
+    tracing::debug!(jid = %s.jid, "connection lost; session parked for resumption");
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(o) => {
+                    s.outbound(o);
+                    s.out.clear();
+                    let backlog = s.sm.as_ref().map(|m| m.unacked.len()).unwrap_or(0);
+                    if s.closing.is_some() || backlog > limit {
+                        break;
+                    }
+                }
+                None => break,
+            },
+            t = takeover.recv() => match t {
+                Some(reply) => {
+                    s.takeover = Some(takeover);
+                    match reply.send((s, rx)) {
+                        Ok(()) => return,
+                        Err((s2, rx2)) => {
+                            s = s2;
+                            rx = rx2;
+                            let Some(t) = s.takeover.take() else { break };
+                            takeover = t;
+                        }
+                    }
+                }
+                None => break,
+            },
+            _ = &mut deadline => break,
+        }
+    }
+    tracing::debug!(jid = %s.jid, "resumption window over; session ended");
+    s.end();
+}
+
+async fn recv_takeover(rx: Option<&mut mpsc::Receiver<Takeover>>) -> Option<Takeover> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

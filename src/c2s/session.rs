@@ -9,7 +9,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::{mpsc, oneshot};
+
 use crate::modules;
+use crate::session::{CloseReason, Outbound};
 use crate::protocol::stanza::{StanzaError, error_reply};
 use crate::protocol::{Element, Jid, ns};
 use crate::server::Server;
@@ -29,6 +32,20 @@ pub struct SmState {
     pub unacked: VecDeque<(Option<u64>, Arc<str>)>,
     /// An `<r/>` is outstanding.
     pub requested: bool,
+}
+
+/// A parked or live session handed to a resuming connection: the
+/// session state and its inbound channel.
+pub type Handover = (Session, mpsc::Receiver<Outbound>);
+
+/// A request to hand a session over; the holder replies on the sender.
+pub type Takeover = oneshot::Sender<Handover>;
+
+/// Entry of the resumable-session table (XEP-0198 §5).
+pub struct Resumable {
+    /// Only the same account may resume.
+    pub local: String,
+    pub takeover: mpsc::Sender<Takeover>,
 }
 
 /// Why the connection must end, with the stream error to send.
@@ -63,6 +80,13 @@ pub struct Session {
     pub ping_counter: u64,
     /// `<r/>` requests waiting for durability: `(h, ticket)`.
     pub ack_requests: Vec<(u32, Ticket)>,
+    /// Resumption id when the client enabled resumption.
+    pub resume_id: Option<String>,
+    /// Takeover requests from a resuming connection.
+    pub takeover: Option<mpsc::Receiver<Takeover>>,
+    /// A newer session bound the same resource: this one ends without
+    /// broadcasting unavailable presence for the resource.
+    pub replaced: bool,
 }
 
 impl Session {
@@ -83,6 +107,9 @@ impl Session {
             last_rx: Instant::now(),
             ping_counter: 0,
             ack_requests: Vec::new(),
+            resume_id: None,
+            takeover: None,
+            replaced: false,
         }
     }
 
@@ -132,6 +159,40 @@ impl Session {
             e.set_attr("from", self.domain().to_string());
         }
         self.send(&e);
+    }
+
+    /// Applies one item from the router to this session.
+    pub fn outbound(&mut self, o: Outbound) {
+        match o {
+            Outbound::Stanza(xml) => self.send_xml(xml, None),
+            Outbound::Stored { seq, xml } => self.send_xml(xml, Some(seq)),
+            Outbound::Close(reason) => {
+                let (cond, text) = match reason {
+                    CloseReason::Replaced => {
+                        self.replaced = true;
+                        ("conflict", "replaced by a new connection")
+                    }
+                    CloseReason::AccountGone => ("not-authorized", "account removed or credentials changed"),
+                    CloseReason::Shutdown => ("system-shutdown", "server shutting down"),
+                };
+                self.close(cond, Some(text.into()));
+            }
+        }
+    }
+
+    /// Ends the session for good: unavailable presence (unless replaced),
+    /// registry and resumption table cleanup. Stored messages it had not
+    /// had acknowledged stay in the store for the next login.
+    pub fn end(mut self) {
+        if !self.replaced {
+            modules::presence::session_ended(&mut self);
+        }
+        self.srv.registry.unbind(&self.local, self.id, crate::accounts::now_ms());
+        if let Some(id) = self.resume_id.take()
+            && let Ok(mut t) = self.srv.resumable.lock()
+        {
+            t.remove(&id);
+        }
     }
 
     pub fn close(&mut self, condition: &'static str, text: Option<String>) {

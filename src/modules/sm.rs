@@ -14,7 +14,9 @@
 //!   client's answer proves it processed everything before it, and those
 //!   messages are deleted then.
 
-use crate::c2s::session::{Session, SmState};
+use std::sync::Arc;
+
+use crate::c2s::session::{Resumable, Session, SmState};
 use crate::protocol::{Element, ns};
 use crate::storage::Ticket;
 
@@ -26,7 +28,20 @@ pub fn handle_nonza(s: &mut Session, el: &Element) {
                 return;
             }
             s.sm = Some(SmState::default());
-            s.send_nonza(&format!("<enabled xmlns='urn:xmpp:sm:3' id='{:016x}' resume='false'/>", s.id));
+            let wants_resume = matches!(el.attr("resume"), Some("true") | Some("1"));
+            if wants_resume {
+                let id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                if let Ok(mut t) = s.srv.resumable.lock() {
+                    t.insert(id.clone(), Resumable { local: s.local.clone(), takeover: tx });
+                }
+                s.takeover = Some(rx);
+                let max = s.srv.cfg.limits.resume_timeout_secs;
+                s.send_nonza(&format!("<enabled xmlns='urn:xmpp:sm:3' id='{id}' resume='true' max='{max}'/>"));
+                s.resume_id = Some(id);
+            } else {
+                s.send_nonza("<enabled xmlns='urn:xmpp:sm:3'/>");
+            }
         }
         "r" => {
             if let Some(sm) = s.sm.as_ref() {
@@ -111,4 +126,21 @@ pub fn iq_response(s: &mut Session, iq: &Element) {
 /// Takes the `<r/>` requests recorded since the last call.
 pub fn take_ack_requests(s: &mut Session) -> Vec<(u32, Ticket)> {
     std::mem::take(&mut s.ack_requests)
+}
+
+/// Applies the `h` a resuming client reports and returns the stanzas to
+/// re-send (everything it did not acknowledge), or `None` if `h` is
+/// impossible.
+pub fn resume(s: &mut Session, h: u32) -> Option<Vec<(Option<u64>, Arc<str>)>> {
+    let sm = s.sm.as_ref()?;
+    if h.wrapping_sub(sm.acked) as usize > sm.unacked.len() {
+        return None;
+    }
+    ack_received(s, h);
+    let sm = s.sm.as_mut()?;
+    let resend: Vec<_> = sm.unacked.drain(..).collect();
+    sm.outbound = sm.acked;
+    sm.requested = false;
+    s.ack_requests.clear();
+    Some(resend)
 }
