@@ -293,7 +293,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         reg.bind(
             "15550000001",
-            SessionHandle { id: 9, resource: "r".into(), tx, available: false, priority: 0, presence: None, interested: false },
+            SessionHandle { id: 9, resource: "r".into(), tx, available: false, priority: 0, presence: None, interested: false, carbons: false },
             5,
         );
         let upto = r.attach("15550000001", 9);

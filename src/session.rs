@@ -55,6 +55,8 @@ pub struct SessionHandle {
     pub presence: Option<Arc<str>>,
     /// Requested the roster, so it receives roster pushes.
     pub interested: bool,
+    /// Enabled XEP-0280 carbons.
+    pub carbons: bool,
 }
 
 /// One account's live state.
@@ -218,6 +220,7 @@ mod tests {
                 priority: 0,
                 presence: None,
                 interested: false,
+                carbons: false,
             },
             rx,
         )

@@ -626,6 +626,7 @@ impl Conn {
             priority: 0,
             presence: None,
             interested: false,
+            carbons: false,
         };
         for old in self.srv.registry.bind(&local, handle, self.srv.cfg.limits.max_resources) {
             let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));

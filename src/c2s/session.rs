@@ -87,6 +87,10 @@ pub struct Session {
     /// A newer session bound the same resource: this one ends without
     /// broadcasting unavailable presence for the resource.
     pub replaced: bool,
+    /// XEP-0352: the client said it is inactive.
+    pub inactive: bool,
+    /// Stanzas held back while inactive.
+    pub held: Vec<Arc<str>>,
 }
 
 impl Session {
@@ -110,6 +114,8 @@ impl Session {
             resume_id: None,
             takeover: None,
             replaced: false,
+            inactive: false,
+            held: Vec::new(),
         }
     }
 
@@ -164,7 +170,11 @@ impl Session {
     /// Applies one item from the router to this session.
     pub fn outbound(&mut self, o: Outbound) {
         match o {
-            Outbound::Stanza(xml) => self.send_xml(xml, None),
+            Outbound::Stanza(xml) => {
+                if !modules::csi::hold(self, &xml) {
+                    self.send_xml(xml, None);
+                }
+            }
             Outbound::Stored { seq, xml } => self.send_xml(xml, Some(seq)),
             Outbound::Close(reason) => {
                 let (cond, text) = match reason {
@@ -231,6 +241,7 @@ impl Session {
             return;
         }
         if el.ns == crate::modules::csi::NS {
+            modules::csi::handle(self, &el);
             return;
         }
         self.close("unsupported-stanza-type", Some(format!("<{}/> in {}", el.local_name(), el.ns)));

@@ -14,6 +14,9 @@ pub const SERVER_FEATURES: &[&str] = &[
     ns::DELAY,
     "msgoffline",
     "urn:xmpp:csi:0",
+    "urn:xmpp:carbons:2",
+    "urn:xmpp:receipts",
+    "http://jabber.org/protocol/chatstates",
 ];
 
 pub fn handle(s: &mut Session, iq: &Element, to: Option<&Jid>, q: &Element) {

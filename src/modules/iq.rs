@@ -41,6 +41,7 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
             ("query", ns::ROSTER) => super::roster::handle_iq(s, &iq, &payload),
             ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) => super::disco::handle(s, &iq, to.as_ref(), &payload),
             ("ping", ns::PING) => super::ping::handle(s, &iq),
+            ("enable", super::carbons::NS) | ("disable", super::carbons::NS) => super::carbons::handle_iq(s, &iq, &payload),
             ("query", ns::VERSION) if to.as_ref().is_none_or(|j| j.local.is_none()) => super::version::handle(s, &iq),
             ("session", ns::SESSION) => {
                 let mut r = iq_result(&iq);

@@ -33,7 +33,8 @@ pub fn classify(m: &Element) -> MessageClass {
 }
 
 pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
-    let typ = m.attr("type").unwrap_or("normal");
+    let typ = m.attr("type").unwrap_or("normal").to_string();
+    let typ = typ.as_str();
     if !matches!(typ, "normal" | "chat" | "groupchat" | "headline" | "error") {
         s.reply_error(&m, StanzaError::BadRequest);
         return;
@@ -52,13 +53,18 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
         return;
     }
     let class = classify(&m);
-    let original = if typ == "error" { None } else { Some(m.clone()) };
+    let original = m.clone();
     match s.srv.router.message(&to, m, class) {
-        Ok(Delivery::Durable(t)) => s.max_ticket = s.max_ticket.max(t),
-        Ok(Delivery::Transient(_)) => {}
+        Ok(d) => {
+            if let Delivery::Durable(t) = d {
+                s.max_ticket = s.max_ticket.max(t);
+            }
+            super::carbons::sent(&s.srv, &s.local, s.id, &original);
+            super::carbons::received(&s.srv, &to, &original);
+        }
         Err(e) => {
-            if let Some(orig) = original {
-                s.reply_error(&orig, e);
+            if typ != "error" {
+                s.reply_error(&original, e);
             }
         }
     }

@@ -4,6 +4,7 @@
 //! only through the [`Router`](crate::router::Router) and the storage
 //! traits; none touches a socket.
 
+pub mod carbons;
 pub mod csi;
 pub mod disco;
 pub mod iq;
