@@ -38,7 +38,11 @@ fn bucket_upper(idx: usize) -> u64 {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Histogram { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(), count: AtomicU64::new(0), max_ns: AtomicU64::new(0) }
+        Histogram {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            max_ns: AtomicU64::new(0),
+        }
     }
 }
 
@@ -151,9 +155,17 @@ impl Metrics {
     /// Starts a new accounting window: counters and histogram start at zero,
     /// earlier messages count as stale from now on.
     pub fn begin_window(&self) {
-        self.window_first_seq.store(self.next_seq.load(Relaxed), Relaxed);
+        self.window_first_seq
+            .store(self.next_seq.load(Relaxed), Relaxed);
         self.hist.reset();
-        for c in [&self.received, &self.received_while_open, &self.stale, &self.late, &self.dups, &self.errors] {
+        for c in [
+            &self.received,
+            &self.received_while_open,
+            &self.stale,
+            &self.late,
+            &self.dups,
+            &self.errors,
+        ] {
             c.store(0, Relaxed);
         }
         self.window_open.store(true, Relaxed);
@@ -222,7 +234,9 @@ mod tests {
     #[test]
     fn buckets_are_monotonic_and_tight() {
         let mut last = 0;
-        for us in [0u64, 1, 127, 128, 129, 200, 1000, 5000, 12345, 1_000_000, 60_000_000] {
+        for us in [
+            0u64, 1, 127, 128, 129, 200, 1000, 5000, 12345, 1_000_000, 60_000_000,
+        ] {
             let b = bucket_of(us);
             assert!(b >= last);
             last = b;

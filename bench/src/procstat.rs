@@ -35,27 +35,38 @@ pub fn self_cpu_secs() -> f64 {
 /// VmRSS of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The soft "Max open files" limit of `pid`.
 pub fn nofile_limit(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
     let line = s.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Socket inodes listening on `port` (any local address, IPv4 or IPv6).
 fn listening_inodes(port: u16) -> Vec<String> {
     let mut out = Vec::new();
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(s) = fs::read_to_string(f) else { continue };
+        let Ok(s) = fs::read_to_string(f) else {
+            continue;
+        };
         for line in s.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if cols.len() < 10 || cols[3] != "0A" {
                 continue;
             }
-            let Some(p) = cols[1].rsplit(':').next() else { continue };
+            let Some(p) = cols[1].rsplit(':').next() else {
+                continue;
+            };
             if u16::from_str_radix(p, 16).ok() == Some(port) {
                 out.push(cols[9].to_string());
             }
@@ -73,8 +84,12 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
     let targets: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
     for entry in fs::read_dir("/proc").ok()?.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if let Ok(link) = fs::read_link(fd.path())
                 && targets.iter().any(|t| link.as_os_str() == t.as_str())
@@ -113,7 +128,11 @@ pub struct CpuMark {
 
 impl CpuMark {
     pub fn take(pid: Option<u32>) -> Self {
-        CpuMark { at: std::time::Instant::now(), server: pid.and_then(cpu_secs), gen_secs: self_cpu_secs() }
+        CpuMark {
+            at: std::time::Instant::now(),
+            server: pid.and_then(cpu_secs),
+            gen_secs: self_cpu_secs(),
+        }
     }
 
     /// (wall seconds, server CPU seconds, generator CPU seconds) since `self`.
@@ -123,7 +142,11 @@ impl CpuMark {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
-        (now.at.duration_since(self.at).as_secs_f64(), server, now.gen_secs - self.gen_secs)
+        (
+            now.at.duration_since(self.at).as_secs_f64(),
+            server,
+            now.gen_secs - self.gen_secs,
+        )
     }
 }
 

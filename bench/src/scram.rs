@@ -18,13 +18,6 @@ pub enum ScramHash {
 }
 
 impl ScramHash {
-    pub fn mechanism(self) -> &'static str {
-        match self {
-            ScramHash::Sha1 => "SCRAM-SHA-1",
-            ScramHash::Sha256 => "SCRAM-SHA-256",
-        }
-    }
-
     fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
         match self {
             ScramHash::Sha1 => {
@@ -72,7 +65,12 @@ fn cache() -> &'static Mutex<HashMap<CacheKey, Vec<u8>>> {
 
 /// SaltedPassword for (hash, password, salt, iterations), from the cache or
 /// computed on the blocking pool and then cached.
-pub async fn salted_password(hash: ScramHash, password: &str, salt: &[u8], iterations: u32) -> Result<Vec<u8>> {
+pub async fn salted_password(
+    hash: ScramHash,
+    password: &str,
+    salt: &[u8],
+    iterations: u32,
+) -> Result<Vec<u8>> {
     let key = (hash, password.to_string(), salt.to_vec(), iterations);
     if let Some(v) = cache().lock().expect("cache lock").get(&key) {
         return Ok(v.clone());
@@ -138,7 +136,13 @@ pub struct ScramClient {
 impl ScramClient {
     pub fn new(hash: ScramHash, user: &str, password: &str, client_nonce: String) -> Self {
         let client_first_bare = format!("n={},r={}", saslname(user), client_nonce);
-        ScramClient { hash, password: password.to_string(), client_nonce, client_first_bare, server_signature: Vec::new() }
+        ScramClient {
+            hash,
+            password: password.to_string(),
+            client_nonce,
+            client_first_bare,
+            server_signature: Vec::new(),
+        }
     }
 
     pub fn with_random_nonce(hash: ScramHash, user: &str, password: &str) -> Self {
@@ -165,11 +169,18 @@ impl ScramClient {
     fn finish(&mut self, server_first: &str, nonce: &str, salted: &[u8]) -> String {
         let h = self.hash;
         let without_proof = format!("c=biws,r={nonce}");
-        let auth_message = format!("{},{},{}", self.client_first_bare, server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, server_first, without_proof
+        );
         let client_key = h.hmac(salted, b"Client Key");
         let stored_key = h.digest(&client_key);
         let client_sig = h.hmac(&stored_key, auth_message.as_bytes());
-        let proof: Vec<u8> = client_key.iter().zip(client_sig.iter()).map(|(a, b)| a ^ b).collect();
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(client_sig.iter())
+            .map(|(a, b)| a ^ b)
+            .collect();
         let server_key = h.hmac(salted, b"Server Key");
         self.server_signature = h.hmac(&server_key, auth_message.as_bytes());
         format!("{without_proof},p={}", B64.encode(proof))
@@ -197,7 +208,13 @@ impl ScramClient {
 mod tests {
     use super::*;
 
-    async fn exchange(hash: ScramHash, nonce: &str, server_first: &str, expect_final: &str, server_final: &str) {
+    async fn exchange(
+        hash: ScramHash,
+        nonce: &str,
+        server_first: &str,
+        expect_final: &str,
+        server_final: &str,
+    ) {
         let mut c = ScramClient::new(hash, "user", "pencil", nonce.to_string());
         assert_eq!(c.client_first(), format!("n,,n=user,r={nonce}"));
         let cf = c.client_final(server_first).await.unwrap();

@@ -90,7 +90,10 @@ impl Session {
     pub fn send_chat(&self, to: &str, ts_ns: u64, seq: u64) {
         self.with_buf(1, |b| {
             let mut s = String::with_capacity(96 + to.len());
-            let _ = write!(s, "<message type='chat' to='{to}'><body>{ts_ns} {seq}</body></message>");
+            let _ = write!(
+                s,
+                "<message type='chat' to='{to}'><body>{ts_ns} {seq}</body></message>"
+            );
             b.extend_from_slice(s.as_bytes());
         });
     }
@@ -98,7 +101,8 @@ impl Session {
     /// Sends an iq ping to the server; returns its number, see `wait_pong`.
     pub fn ping(&self, domain: &str) -> u64 {
         let n = self.next_ping.fetch_add(1, Relaxed);
-        let s = format!("<iq type='get' id='s{n}' to='{domain}'><ping xmlns='urn:xmpp:ping'/></iq>");
+        let s =
+            format!("<iq type='get' id='s{n}' to='{domain}'><ping xmlns='urn:xmpp:ping'/></iq>");
         self.send_raw(s.as_bytes(), 1);
         n
     }
@@ -108,7 +112,9 @@ impl Session {
     }
 
     pub fn unacked(&self) -> u64 {
-        self.out_count.load(Relaxed).saturating_sub(self.acked.load(Relaxed))
+        self.out_count
+            .load(Relaxed)
+            .saturating_sub(self.acked.load(Relaxed))
     }
 
     /// Waits until `cond` holds, the session dies, or `timeout` passes.
@@ -137,7 +143,8 @@ impl Session {
     /// Waits until the server acknowledged every stanza sent so far.
     pub async fn wait_acked(&self, timeout: Duration) -> bool {
         let target = self.out_count.load(Relaxed);
-        self.wait_for(timeout, |s| s.acked.load(Relaxed) >= target).await
+        self.wait_for(timeout, |s| s.acked.load(Relaxed) >= target)
+            .await
     }
 
     /// Sends a final ack (if stream management is on) and closes the stream.
@@ -147,7 +154,11 @@ impl Session {
         }
         let mut tail = String::new();
         if self.sm_on.load(Relaxed) {
-            let _ = write!(tail, "<a xmlns='urn:xmpp:sm:3' h='{}'/>", self.in_count.load(Relaxed));
+            let _ = write!(
+                tail,
+                "<a xmlns='urn:xmpp:sm:3' h='{}'/>",
+                self.in_count.load(Relaxed)
+            );
         }
         tail.push_str("</stream:stream>");
         self.send_raw(tail.as_bytes(), 0);
@@ -162,7 +173,12 @@ impl Session {
 }
 
 /// Starts the reader and writer tasks of a logged-in session.
-pub fn spawn(session: Arc<Session>, reader: XmlReader, writer: OwnedWriteHalf, metrics: Arc<Metrics>) {
+pub fn spawn(
+    session: Arc<Session>,
+    reader: XmlReader,
+    writer: OwnedWriteHalf,
+    metrics: Arc<Metrics>,
+) {
     let s = session.clone();
     tokio::spawn(async move { write_loop(s, writer).await });
     tokio::spawn(async move { read_loop(session, reader, metrics).await });
@@ -207,7 +223,11 @@ enum Top {
 }
 
 fn attr<'a>(e: &'a BytesStart<'_>, key: &[u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
-    e.attributes().with_checks(false).flatten().find(|a| a.key.as_ref() == key).map(|a| a.value)
+    e.attributes()
+        .with_checks(false)
+        .flatten()
+        .find(|a| a.key.as_ref() == key)
+        .map(|a| a.value)
 }
 
 fn parse_u64(v: &[u8]) -> Option<u64> {
@@ -228,7 +248,12 @@ async fn read_loop(s: Arc<Session>, mut r: XmlReader, metrics: Arc<Metrics>) {
     let mut msg_error = false;
     let mut in_body = false;
     let mut body: Vec<u8> = Vec::with_capacity(64);
-    let mut iq = IqState { kind: Vec::new(), id: Vec::new(), from: Vec::new(), ping: false };
+    let mut iq = IqState {
+        kind: Vec::new(),
+        id: Vec::new(),
+        from: Vec::new(),
+        ping: false,
+    };
     let mut err_cond = String::new();
     let why = loop {
         buf.clear();
@@ -246,7 +271,9 @@ async fn read_loop(s: Arc<Session>, mut r: XmlReader, metrics: Arc<Metrics>) {
                     match top {
                         Top::Message if local.as_ref() == b"body" => in_body = true,
                         Top::Iq if local.as_ref() == b"ping" => iq.ping = true,
-                        Top::StreamError if err_cond.is_empty() => err_cond = String::from_utf8_lossy(local.as_ref()).into_owned(),
+                        Top::StreamError if err_cond.is_empty() => {
+                            err_cond = String::from_utf8_lossy(local.as_ref()).into_owned()
+                        }
                         _ => {}
                     }
                 }
@@ -259,7 +286,9 @@ async fn read_loop(s: Arc<Session>, mut r: XmlReader, metrics: Arc<Metrics>) {
                     let local = e.local_name();
                     match top {
                         Top::Iq if local.as_ref() == b"ping" => iq.ping = true,
-                        Top::StreamError if err_cond.is_empty() => err_cond = String::from_utf8_lossy(local.as_ref()).into_owned(),
+                        Top::StreamError if err_cond.is_empty() => {
+                            err_cond = String::from_utf8_lossy(local.as_ref()).into_owned()
+                        }
                         _ => {}
                     }
                 }
@@ -287,7 +316,13 @@ async fn read_loop(s: Arc<Session>, mut r: XmlReader, metrics: Arc<Metrics>) {
     s.mark_dead(why);
 }
 
-fn start_top(s: &Session, e: &BytesStart<'_>, iq: &mut IqState, msg_error: &mut bool, body: &mut Vec<u8>) -> Top {
+fn start_top(
+    s: &Session,
+    e: &BytesStart<'_>,
+    iq: &mut IqState,
+    msg_error: &mut bool,
+    body: &mut Vec<u8>,
+) -> Top {
     match e.local_name().as_ref() {
         b"message" => {
             *msg_error = attr(e, b"type").as_deref() == Some(b"error");
@@ -355,7 +390,11 @@ fn end_top(s: &Session, top: Top, iq: &IqState, msg_error: bool, body: &[u8], me
             }
             b"get" | b"set" => {
                 let id = String::from_utf8_lossy(&iq.id);
-                let to = if iq.from.is_empty() { String::new() } else { format!(" to='{}'", String::from_utf8_lossy(&iq.from)) };
+                let to = if iq.from.is_empty() {
+                    String::new()
+                } else {
+                    format!(" to='{}'", String::from_utf8_lossy(&iq.from))
+                };
                 let reply = if iq.ping {
                     format!("<iq type='result' id='{id}'{to}/>")
                 } else {
