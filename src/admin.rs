@@ -96,7 +96,8 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                 .users
                 .delete_user(&local)
                 .and_then(|_| stores.offline.clear(&local))
-                .and_then(|_| stores.roster.clear_roster(&local));
+                .and_then(|_| stores.roster.clear_roster(&local))
+                .and_then(|_| stores.settings.clear_settings(&local));
             if let Some(srv) = srv {
                 srv.registry.with(&local, |e| e.queued = Some(0));
             }

@@ -21,6 +21,25 @@ pub struct Config {
     pub offline: Offline,
     pub auth: Auth,
     pub phone: Phone,
+    pub discovery: Discovery,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Discovery {
+    /// Phone numbers in one contact-discovery request.
+    pub max_batch: usize,
+    /// Phone numbers one account may look up per hour.
+    pub max_per_hour: usize,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            max_batch: 500,
+            max_per_hour: 2000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -107,6 +126,7 @@ impl Default for Config {
             offline: Offline::default(),
             auth: Auth::default(),
             phone: Phone::default(),
+            discovery: Discovery::default(),
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Server {
     pub shutdown: broadcast::Sender<()>,
     /// Sessions that enabled XEP-0198 resumption, by resumption id.
     pub resumable: std::sync::Mutex<std::collections::HashMap<String, crate::c2s::session::Resumable>>,
+    /// Contact-discovery allowance per account.
+    pub discovery: crate::modules::discovery::Throttle,
 }
 
 impl Server {
@@ -58,6 +60,7 @@ impl Server {
             next_id: AtomicU64::new(1),
             shutdown: broadcast::channel(1).0,
             resumable: Default::default(),
+            discovery: Default::default(),
         }))
     }
 

@@ -68,6 +68,8 @@ pub struct AccountEntry {
     /// Last time the account had no session left (unix ms), for
     /// "last seen".
     pub last_seen_ms: u64,
+    /// Cached block list and visibility setting.
+    pub policy: Option<Arc<crate::modules::privacy::Policy>>,
 }
 
 impl AccountEntry {

@@ -16,6 +16,10 @@ pub const SERVER_FEATURES: &[&str] = &[
     "urn:xmpp:csi:0",
     "urn:xmpp:carbons:2",
     "urn:xmpp:receipts",
+    "urn:xmpp:blocking",
+    "jabber:iq:last",
+    "urn:chatd:privacy:0",
+    "urn:chatd:discovery:0",
     "http://jabber.org/protocol/chatstates",
 ];
 

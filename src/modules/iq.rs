@@ -42,6 +42,11 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
             ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) => super::disco::handle(s, &iq, to.as_ref(), &payload),
             ("ping", ns::PING) => super::ping::handle(s, &iq),
             ("enable", super::carbons::NS) | ("disable", super::carbons::NS) => super::carbons::handle_iq(s, &iq, &payload),
+            ("blocklist", super::blocking::NS) | ("block", super::blocking::NS) | ("unblock", super::blocking::NS) => {
+                super::blocking::handle_iq(s, &iq, &payload)
+            }
+            ("privacy", super::privacy::NS) => super::privacy::handle_iq(s, &iq, &payload),
+            ("query", super::discovery::NS) => super::discovery::handle_iq(s, &iq, &payload),
             ("query", ns::VERSION) if to.as_ref().is_none_or(|j| j.local.is_none()) => super::version::handle(s, &iq),
             ("session", ns::SESSION) => {
                 let mut r = iq_result(&iq);
@@ -53,6 +58,17 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
         return;
     }
     let Some(j) = to else { return };
+    if let Some(l) = j.local.as_deref()
+        && super::privacy::blocked_between(&s.srv, &s.local, l)
+    {
+        if super::privacy::policy(&s.srv, &s.local).blocks(&j.bare_string()) {
+            let e = super::blocking::blocked_error(s, &iq);
+            s.send(&e);
+        } else {
+            s.reply_error(&iq, StanzaError::ServiceUnavailable);
+        }
+        return;
+    }
     if j.resource.is_none() {
         // A request to another account's bare JID is answered by the
         // server on the account's behalf.
@@ -60,6 +76,7 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
             ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) => {
                 super::disco::handle(s, &iq, Some(&j), &payload)
             }
+            ("query", super::privacy::LAST) => super::privacy::handle_last(s, &iq, Some(&j)),
             ("ping", ns::PING) if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) => {
                 let mut r = iq_result(&iq);
                 r.set_attr("to", s.jid.to_string());

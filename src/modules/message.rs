@@ -52,6 +52,21 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
         s.reply_error(&m, StanzaError::ServiceUnavailable);
         return;
     }
+    if let Some(l) = to.local.as_deref() {
+        let srv = s.srv.clone();
+        if super::privacy::policy(&srv, &s.local).blocks(&to.bare_string()) {
+            let e = super::blocking::blocked_error(s, &m);
+            s.send(&e);
+            return;
+        }
+        if super::privacy::policy(&srv, l).blocks(&s.bare().to_string()) {
+            // Indistinguishable from a number that is not registered.
+            if typ != "error" {
+                s.reply_error(&m, StanzaError::ServiceUnavailable);
+            }
+            return;
+        }
+    }
     let class = classify(&m);
     let original = m.clone();
     match s.srv.router.message(&to, m, class) {

@@ -4,14 +4,17 @@
 //! only through the [`Router`](crate::router::Router) and the storage
 //! traits; none touches a socket.
 
+pub mod blocking;
 pub mod carbons;
 pub mod csi;
 pub mod disco;
+pub mod discovery;
 pub mod iq;
 pub mod message;
 pub mod offline;
 pub mod ping;
 pub mod presence;
+pub mod privacy;
 pub mod roster;
 pub mod sm;
 pub mod version;

@@ -20,7 +20,11 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
     match (typ.as_deref(), to) {
         (None | Some("unavailable"), None) => broadcast(s, p, typ.is_none()),
         (None | Some("unavailable") | Some("error"), Some(to)) => {
-            if to.domain == s.domain() {
+            let blocked = to
+                .local
+                .as_deref()
+                .is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
+            if to.domain == s.domain() && !blocked {
                 let mut p = p;
                 p.set_attr("to", to.to_string());
                 s.srv.router.transient(&to, p.to_xml().into());
@@ -28,7 +32,15 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
         }
         (Some(t @ ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")), Some(to)) => {
             let t = t.to_string();
-            subscription(s, &t, &to.bare());
+            let blocked = to
+                .local
+                .as_deref()
+                .is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
+            // A blocked pair cannot start a subscription; ending one is
+            // always allowed.
+            if !blocked || t.starts_with("un") {
+                subscription(s, &t, &to.bare());
+            }
         }
         (Some("probe"), _) => {}
         _ => s.reply_error(&p, crate::protocol::stanza::StanzaError::BadRequest),
@@ -76,6 +88,7 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
     for item in roster.iter().filter(|i| i.subscription.has_from()) {
         if let Ok(j) = Jid::parse(&item.jid)
             && let Some(l) = local_of(&srv, &j)
+            && (!available || super::privacy::may_see(&srv, &s.local, l))
         {
             to_account(&srv, l, &xml);
         }
@@ -93,6 +106,7 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
         for item in roster.iter().filter(|i| i.subscription.has_to()) {
             if let Ok(j) = Jid::parse(&item.jid)
                 && let Some(l) = local_of(&srv, &j)
+                && super::privacy::may_see(&srv, l, &s.local)
             {
                 for h in srv.registry.sessions(l) {
                     if let (true, Some(px)) = (h.available, h.presence.clone()) {
@@ -121,6 +135,7 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
 
 /// Called when a session ends: it becomes unavailable to everyone.
 pub fn session_ended(s: &mut Session) {
+    super::privacy::record_last_seen(&s.srv, &s.local, crate::accounts::now_ms());
     if s.available {
         let p = Element::stanza("presence")
             .with_attr("type", "unavailable")
@@ -153,6 +168,9 @@ fn presence_from(from: &str, to: &str, typ: &str) -> Arc<str> {
 
 /// Sends the available presences of `from_local`'s sessions to `to_local`.
 fn share_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
+    if !super::privacy::may_see(srv, from_local, to_local) {
+        return;
+    }
     for h in srv.registry.sessions(from_local) {
         if let (true, Some(px)) = (h.available, h.presence.clone()) {
             to_account(srv, to_local, &px);

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 
 use super::codec::{self, decode_message, encode_message, offline_key, owner_prefix, roster_key};
 use super::{
-    Durability, OfflineStore, Result, RosterItem, RosterStore, StoreError, StoredMessage, Ticket, UserRecord,
-    UserStore,
+    Durability, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError, StoredMessage, Ticket,
+    UserRecord, UserStore,
 };
 
 fn eng(e: fjall::Error) -> StoreError {
@@ -46,6 +46,7 @@ pub struct FjallStore {
     users: Keyspace,
     offline: Keyspace,
     roster: Keyspace,
+    settings: Keyspace,
     meta: Keyspace,
     sync: Arc<SyncState>,
     committed: watch::Receiver<Ticket>,
@@ -76,6 +77,7 @@ impl FjallStore {
         let offline = db.keyspace("offline", opts).map_err(eng)?;
         let roster = db.keyspace("roster", opts).map_err(eng)?;
         let meta = db.keyspace("meta", opts).map_err(eng)?;
+        let settings = db.keyspace("settings", opts).map_err(eng)?;
         let sync = Arc::new(SyncState {
             issued: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -96,6 +98,7 @@ impl FjallStore {
             users,
             offline,
             roster,
+            settings,
             meta,
             sync,
             committed,
@@ -329,6 +332,29 @@ impl RosterStore for FjallStore {
         self.write(|b| {
             for k in keys {
                 b.remove(&self.roster, k);
+            }
+        })
+    }
+}
+
+impl SettingsStore for FjallStore {
+    fn get_setting(&self, owner: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.settings.get(roster_key(owner, name)).map_err(eng)?.map(|v| v.to_vec()))
+    }
+
+    fn put_setting(&self, owner: &str, name: &str, value: &[u8]) -> Result<Ticket> {
+        self.write(|b| b.insert(&self.settings, roster_key(owner, name), value))
+    }
+
+    fn delete_setting(&self, owner: &str, name: &str) -> Result<Ticket> {
+        self.write(|b| b.remove(&self.settings, roster_key(owner, name)))
+    }
+
+    fn clear_settings(&self, owner: &str) -> Result<Ticket> {
+        let keys = Self::keys_with_prefix(&self.settings, &owner_prefix(owner))?;
+        self.write(|b| {
+            for k in keys {
+                b.remove(&self.settings, k);
             }
         })
     }

@@ -9,14 +9,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::watch;
 
 use super::{
-    Durability, OfflineStore, Result, RosterItem, RosterStore, StoreError, StoredMessage, Ticket, UserRecord,
-    UserStore,
+    Durability, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError, StoredMessage, Ticket,
+    UserRecord, UserStore,
 };
 
 pub struct MemoryStore {
     users: Mutex<BTreeMap<String, UserRecord>>,
     offline: Mutex<BTreeMap<(String, u64), StoredMessage>>,
     roster: Mutex<HashMap<String, BTreeMap<String, RosterItem>>>,
+    settings: Mutex<HashMap<(String, String), Vec<u8>>>,
     issued: AtomicU64,
     tx: watch::Sender<Ticket>,
 }
@@ -27,6 +28,7 @@ impl Default for MemoryStore {
             users: Mutex::default(),
             offline: Mutex::default(),
             roster: Mutex::default(),
+            settings: Mutex::default(),
             issued: AtomicU64::new(0),
             tx: watch::channel(0).0,
         }
@@ -148,6 +150,27 @@ impl RosterStore for MemoryStore {
     }
     fn clear_roster(&self, owner: &str) -> Result<Ticket> {
         self.roster.lock().map_err(poisoned)?.remove(owner);
+        Ok(self.ticket())
+    }
+}
+
+impl SettingsStore for MemoryStore {
+    fn get_setting(&self, owner: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.settings.lock().map_err(poisoned)?.get(&(owner.to_string(), name.to_string())).cloned())
+    }
+    fn put_setting(&self, owner: &str, name: &str, value: &[u8]) -> Result<Ticket> {
+        self.settings
+            .lock()
+            .map_err(poisoned)?
+            .insert((owner.to_string(), name.to_string()), value.to_vec());
+        Ok(self.ticket())
+    }
+    fn delete_setting(&self, owner: &str, name: &str) -> Result<Ticket> {
+        self.settings.lock().map_err(poisoned)?.remove(&(owner.to_string(), name.to_string()));
+        Ok(self.ticket())
+    }
+    fn clear_settings(&self, owner: &str) -> Result<Ticket> {
+        self.settings.lock().map_err(poisoned)?.retain(|(o, _), _| o != owner);
         Ok(self.ticket())
     }
 }

@@ -185,6 +185,16 @@ pub trait RosterStore: Send + Sync {
     fn clear_roster(&self, owner: &str) -> Result<Ticket>;
 }
 
+/// Small per-account documents (block list, privacy settings, profile
+/// items, last seen), keyed by owner localpart and a name.
+pub trait SettingsStore: Send + Sync {
+    fn get_setting(&self, owner: &str, name: &str) -> Result<Option<Vec<u8>>>;
+    fn put_setting(&self, owner: &str, name: &str, value: &[u8]) -> Result<Ticket>;
+    fn delete_setting(&self, owner: &str, name: &str) -> Result<Ticket>;
+    /// Deletes every setting of `owner` (account deletion).
+    fn clear_settings(&self, owner: &str) -> Result<Ticket>;
+}
+
 /// The durable-commit watermark shared by every store of one engine.
 pub trait Durability: Send + Sync {
     /// A receiver whose value is the highest durable ticket.
@@ -210,6 +220,7 @@ pub struct Stores {
     pub users: Arc<dyn UserStore>,
     pub offline: Arc<dyn OfflineStore>,
     pub roster: Arc<dyn RosterStore>,
+    pub settings: Arc<dyn SettingsStore>,
     pub durability: Arc<dyn Durability>,
 }
 
@@ -221,6 +232,7 @@ impl Stores {
             users: m.clone(),
             offline: m.clone(),
             roster: m.clone(),
+            settings: m.clone(),
             durability: m,
         }
     }
@@ -235,6 +247,7 @@ impl Stores {
             users: f.clone(),
             offline: f.clone(),
             roster: f.clone(),
+            settings: f.clone(),
             durability: f,
         })
     }
