@@ -1,0 +1,110 @@
+"""Connection security and authentication."""
+
+import base64
+import re
+
+import pytest
+
+from support import ALICE, BOB, PASSWORD, Client, RawClient, bare, local_of
+
+
+async def test_scram_sha256_over_starttls_is_default(server):
+    c = await Client(server, ALICE, resource="phone").login()
+    assert c.sasl_mechanism == "SCRAM-SHA-256"
+    assert re.search(r"<starttls xmlns=.urn:ietf:params:xml:ns:xmpp-tls.", "".join(c.raw_out)), c.trace()
+    assert re.search(r"mechanism=.SCRAM-SHA-256.", "".join(c.raw_out))
+    assert str(c.boundjid) == bare(ALICE) + "/phone"
+    await c.ping_server()
+    await c.close()
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-1", "PLAIN"])
+async def test_other_mechanisms_over_starttls(server, mech):
+    c = await Client(server, ALICE, mech=mech).login()
+    assert c.sasl_mechanism == mech
+    assert re.search(r"mechanism=.%s." % mech, "".join(c.raw_out)), c.trace()
+    await c.ping_server()
+    await c.close()
+
+
+async def test_features_offered_after_starttls(server):
+    raw = await RawClient(server.host, server.c2s_port).open()
+    feats = await raw.open_stream()
+    assert re.search(r"<starttls [^>]*>\s*<required/>", feats), feats
+    await raw.starttls()
+    feats = await raw.open_stream()
+    mechs = re.findall(r"<mechanism>([^<]+)</mechanism>", feats)
+    for m in ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"):
+        assert m in mechs, feats
+    assert "<starttls" not in feats
+    await raw.close()
+
+
+async def test_direct_tls(server):
+    c = await Client(server, BOB, direct_tls=True).login()
+    assert c.sasl_mechanism == "SCRAM-SHA-256"
+    assert "<starttls" not in "".join(c.raw_out), "direct TLS must not use STARTTLS"
+    a = await Client(server, ALICE).login()
+    await a.ping_server()
+    a.chat(BOB, "over direct tls")
+    m = await c.next_message()
+    assert m["body"] == "over direct tls"
+    await c.close()
+    await a.close()
+
+
+async def test_direct_tls_port_speaks_only_tls(server):
+    raw = await RawClient(server.host, server.tls_port).open()
+    raw.send("<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+             "xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>")
+    tail = await raw.read_to_eof(timeout=10)
+    assert "<stream:features" not in tail
+
+
+async def test_plain_refused_without_tls(server):
+    raw = await RawClient(server.host, server.c2s_port).open()
+    feats = await raw.open_stream()
+    assert "<mechanisms" not in feats, f"SASL offered before TLS: {feats}"
+    token = base64.b64encode(f"\0{local_of(ALICE)}\0{PASSWORD}".encode()).decode()
+    raw.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
+    m = await raw.expect(r"<failure\b.*?</failure>|<stream:error>")
+    assert "encryption-required" in m.group(0) or "<stream:error>" in m.group(0), raw.trace()
+    assert "<success" not in raw.buf
+    # Nothing but TLS or the end of the stream may follow.
+    raw.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+    await raw.expect_stream_error("not-authorized")
+
+
+async def test_plain_over_cleartext_when_allowed(pserver):
+    raw = await RawClient(pserver.host, pserver.c2s_port).open()
+    jid = await raw.login(ALICE, starttls=False, resource="lo")
+    assert jid == bare(ALICE) + "/lo"
+    await raw.close()
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"])
+async def test_wrong_password_fails(server, mech):
+    c = Client(server, ALICE, password="not-the-password", mech=mech)
+    why = await c.expect_login_failure()
+    assert c.auth_failures == ["not-authorized"], why
+    assert c.sessions_started == 0
+    ok = await Client(server, ALICE, mech=mech).login()
+    await ok.close()
+
+
+async def test_unknown_account_fails(server):
+    c = Client(server, "+15557777777")
+    await c.expect_login_failure()
+    assert c.auth_failures == ["not-authorized"]
+
+
+async def test_repeated_failures_end_the_stream(pserver):
+    raw = await RawClient(pserver.host, pserver.c2s_port).open()
+    await raw.open_stream()
+    for _ in range(3):
+        res = await raw.auth_plain(local_of(ALICE), "wrong")
+        assert res.startswith("<failure") and "not-authorized" in res, res
+    await raw.expect_stream_error("policy-violation")
+    # The account is not locked out.
+    raw2 = await RawClient(pserver.host, pserver.c2s_port).open()
+    await raw2.login(ALICE, PASSWORD, starttls=False)
