@@ -15,6 +15,9 @@ pub struct Config {
     pub domain: String,
     /// Where the store, certificate and admin socket live.
     pub data_dir: PathBuf,
+    /// Which services this node runs: `all`, `chat` (XMPP only; upload
+    /// slots point at `media.public_url`) or `media` (HTTPS media only).
+    pub role: Role,
     pub listen: Listen,
     pub tls: Tls,
     pub limits: Limits,
@@ -22,6 +25,44 @@ pub struct Config {
     pub auth: Auth,
     pub phone: Phone,
     pub discovery: Discovery,
+    pub http: crate::http::HttpConfig,
+    pub media: crate::media::MediaConfig,
+    pub profile: Profile,
+    pub registration: Registration,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Profile {
+    /// Largest avatar image (XEP-0084 data, decoded bytes).
+    pub max_avatar_bytes: usize,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile {
+            max_avatar_bytes: 96 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Registration {
+    /// Allow XEP-0077 in-band registration (for development and standard
+    /// clients; phones register through the SMS-code API).
+    pub in_band: bool,
+    /// In-band registrations accepted per client IP per hour.
+    pub in_band_per_ip_per_hour: usize,
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Registration {
+            in_band: false,
+            in_band_per_ip_per_hour: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,6 +81,19 @@ impl Default for Discovery {
             max_per_hour: 2000,
         }
     }
+}
+
+/// Services run by one `chatd serve` process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// XMPP and the media service.
+    #[default]
+    All,
+    /// XMPP only.
+    Chat,
+    /// The HTTPS media service only.
+    Media,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -120,6 +174,7 @@ impl Default for Config {
         Config {
             domain: "localhost".into(),
             data_dir: PathBuf::from("./chatd-data"),
+            role: Role::All,
             listen: Listen::default(),
             tls: Tls::default(),
             limits: Limits::default(),
@@ -127,6 +182,10 @@ impl Default for Config {
             auth: Auth::default(),
             phone: Phone::default(),
             discovery: Discovery::default(),
+            http: Default::default(),
+            media: Default::default(),
+            profile: Profile::default(),
+            registration: Registration::default(),
         }
     }
 }
@@ -190,6 +249,7 @@ pub struct Overrides {
     pub c2s_tls: Option<String>,
     pub http: Option<String>,
     pub allow_plaintext: bool,
+    pub role: Option<Role>,
 }
 
 impl Config {
@@ -221,6 +281,9 @@ impl Config {
             cfg.listen.http = a.clone();
         }
         cfg.listen.allow_plaintext |= ov.allow_plaintext;
+        if let Some(r) = ov.role {
+            cfg.role = r;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -245,6 +308,7 @@ impl Config {
         if crate::protocol::phone::region(&self.phone.default_region).is_none() {
             bail!("phone.default_region {:?} is not a region code", self.phone.default_region);
         }
+        self.media.validate()?;
         for a in [&self.listen.c2s, &self.listen.c2s_tls, &self.listen.http] {
             if !a.is_empty() {
                 parse_addr(a)?;

@@ -9,12 +9,16 @@
 //! - [`modules`]: one module per feature or XEP.
 //! - [`storage`]: storage traits, the fjall engine, the in-memory engine.
 //! - [`accounts`], [`admin`]: credentials and the admin interface.
+//! - [`http`], [`media`]: the HTTPS listener and the media service
+//!   (XEP-0363 uploads, storage tiers).
 //! - [`config`], [`server`]: configuration and assembly.
 
 pub mod accounts;
 pub mod admin;
 pub mod c2s;
 pub mod config;
+pub mod http;
+pub mod media;
 pub mod modules;
 pub mod protocol;
 pub mod router;

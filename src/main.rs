@@ -45,9 +45,13 @@ enum Cmd {
         /// HTTPS listener, HOST:PORT.
         #[arg(long)]
         http: Option<String>,
-        /// Allow SASL without TLS (loopback listeners only).
+        /// Allow SASL without TLS (loopback listeners only); also accepts
+        /// plain HTTP on a loopback HTTP listener.
         #[arg(long)]
         allow_plaintext: bool,
+        /// Services to run: all, chat (XMPP only) or media (HTTPS media only).
+        #[arg(long, value_enum)]
+        role: Option<chatd::config::Role>,
     },
     /// Manage accounts (works with or without a running server).
     User {
@@ -110,6 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             c2s_tls,
             http,
             allow_plaintext,
+            role,
         } => {
             let ov = Overrides {
                 data_dir: common.data_dir,
@@ -118,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 c2s_tls,
                 http,
                 allow_plaintext,
+                role,
             };
             let cfg = Config::load(common.config.as_deref(), &ov)?;
             raise_nofile_limit();

@@ -28,8 +28,13 @@ pub struct Server {
     pub shutdown: broadcast::Sender<()>,
     /// Sessions that enabled XEP-0198 resumption, by resumption id.
     pub resumable: std::sync::Mutex<std::collections::HashMap<String, crate::c2s::session::Resumable>>,
+    /// XEP-0363 slot issuer, set once the HTTP side is up (see
+    /// [`crate::http::start`]); unset when this node offers no uploads.
+    pub media: std::sync::OnceLock<Arc<crate::media::slot::Issuer>>,
     /// Contact-discovery allowance per account.
     pub discovery: crate::modules::discovery::Throttle,
+    /// In-band registrations per client IP.
+    pub ibr_limit: crate::modules::register::IpLimit,
 }
 
 impl Server {
@@ -60,7 +65,9 @@ impl Server {
             next_id: AtomicU64::new(1),
             shutdown: broadcast::channel(1).0,
             resumable: Default::default(),
+            media: Default::default(),
             discovery: Default::default(),
+            ibr_limit: Default::default(),
         }))
     }
 
@@ -124,6 +131,9 @@ pub fn check_plaintext(cfg: &Config) -> anyhow::Result<()> {
 /// Startup failures (store locked, ports in use, bad TLS material).
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     check_plaintext(&cfg)?;
+    if cfg.role == crate::config::Role::Media {
+        return serve_media(cfg).await;
+    }
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let stores = Stores::open_fjall(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
     let srv = Server::new(cfg, stores)?;
@@ -141,9 +151,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         println!("listening c2s-tls {a}");
         tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), l, true)));
     }
-    if !srv.cfg.listen.http.is_empty() {
-        tracing::warn!(addr = %srv.cfg.listen.http, "the HTTP listener is not available in this build; ignoring --http");
-    }
+    tasks.extend(crate::http::start(&srv.cfg, &srv.tls, Some(&srv.media), Vec::new()).await?);
     tasks.push(tokio::spawn(crate::modules::offline::reaper(srv.clone())));
     tasks.push(admin);
     {
@@ -165,6 +173,24 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     crate::admin::cleanup(&srv.cfg.data_dir);
     srv.stores.durability.shutdown();
+    Ok(())
+}
+
+/// `--role media`: only the HTTPS media service, no XMPP and no chat
+/// store.
+async fn serve_media(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let tls = crate::c2s::tls::server_config(&cfg)?;
+    let tasks = crate::http::start(&cfg, &tls, None, Vec::new()).await?;
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    tracing::info!(data_dir = %cfg.data_dir.display(), "chatd media node started");
+    wait_for_signal().await;
+    for t in &tasks {
+        t.abort();
+    }
     Ok(())
 }
 

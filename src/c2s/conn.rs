@@ -456,6 +456,9 @@ impl Conn {
                         m.push(Element::stanza("mechanism").with_text(name));
                     }
                     f.push(m);
+                    if self.srv.cfg.registration.in_band {
+                        f.push(Element::new("register", modules::register::FEATURE));
+                    }
                     if self.exporter.is_some() {
                         f.push(
                             Element::new("sasl-channel-binding", ns::SASL_CB)
@@ -497,6 +500,16 @@ impl Conn {
                 }
             }
             (Phase::Connected, "auth", ns::SASL) if self.sasl_allowed() => self.sasl_start(&el),
+            (Phase::Connected, "iq", ns::CLIENT)
+                if self.srv.cfg.registration.in_band
+                    && self.sasl_allowed()
+                    && el.child("query", modules::register::NS).is_some() =>
+            {
+                if let Some(q) = el.child("query", modules::register::NS) {
+                    let reply = modules::register::pre_auth(&self.srv, &el, q, self.peer.ip()).await;
+                    self.out.push_str(&reply);
+                }
+            }
             (Phase::Connected, "response", ns::SASL) => self.sasl_step(&el),
             (Phase::Connected, "abort", ns::SASL) => {
                 self.sasl = None;

@@ -50,13 +50,20 @@ pub fn handle(s: &mut Session, iq: &Element, to: Option<&Jid>, q: &Element) {
             for f in SERVER_FEATURES {
                 query.push(Element::stanza("feature").with_attr("var", *f));
             }
+            super::upload::disco_info(s, &mut query);
         } else {
             query.push(
                 Element::stanza("identity")
                     .with_attr("category", "account")
                     .with_attr("type", "registered"),
             );
+            query.push(
+                Element::stanza("identity")
+                    .with_attr("category", "pubsub")
+                    .with_attr("type", "pep"),
+            );
             query.push(Element::stanza("feature").with_attr("var", ns::DISCO_INFO));
+            query.push(Element::stanza("feature").with_attr("var", "http://jabber.org/protocol/pubsub#publish"));
         }
     }
     r.push(query);

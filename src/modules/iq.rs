@@ -46,6 +46,9 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
                 super::blocking::handle_iq(s, &iq, &payload)
             }
             ("privacy", super::privacy::NS) => super::privacy::handle_iq(s, &iq, &payload),
+            ("request", super::upload::NS) => super::upload::handle(s, &iq, &payload),
+            ("pubsub", super::pep::PUBSUB) => super::pep::handle_iq(s, &iq, to.as_ref(), &payload),
+            ("query", super::register::NS) => super::register::post_auth(s, &iq, &payload),
             ("query", super::discovery::NS) => super::discovery::handle_iq(s, &iq, &payload),
             ("query", ns::VERSION) if to.as_ref().is_none_or(|j| j.local.is_none()) => super::version::handle(s, &iq),
             ("session", ns::SESSION) => {
@@ -77,6 +80,7 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
                 super::disco::handle(s, &iq, Some(&j), &payload)
             }
             ("query", super::privacy::LAST) => super::privacy::handle_last(s, &iq, Some(&j)),
+            ("pubsub", super::pep::PUBSUB) => super::pep::handle_iq(s, &iq, Some(&j), &payload),
             ("ping", ns::PING) if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) => {
                 let mut r = iq_result(&iq);
                 r.set_attr("to", s.jid.to_string());

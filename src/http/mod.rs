@@ -1,0 +1,217 @@
+//! The HTTPS listener shared by every HTTP service (media today; the
+//! account API and others later).
+//!
+//! Each service builds an axum [`Router`] of its own routes; [`merge`]
+//! joins them into one application and [`serve`] runs it on the
+//! `listen.http` socket:
+//! - TLS with the server's certificate, ALPN `h2` and `http/1.1`
+//!   ([`tls_config`]);
+//! - with `--allow-plaintext` and a loopback address, plain HTTP is also
+//!   accepted on the same port (a TLS ClientHello starts with byte 0x16,
+//!   an HTTP request never does).
+//!
+//! Limits: a connection semaphore (`http.max_connections`), a deadline for
+//! the TLS handshake and for each request's headers
+//! (`http.header_timeout_secs`). Handlers bound their own bodies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+/// `[http]` settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Concurrent HTTP connections; further ones wait in the backlog.
+    pub max_connections: usize,
+    /// Seconds allowed for the TLS handshake and for each request's
+    /// headers.
+    pub header_timeout_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_connections: 4096,
+            header_timeout_secs: 10,
+        }
+    }
+}
+
+/// Joins the route sets of several services into one application, with a
+/// plain-text 404 for everything else.
+pub fn merge(parts: impl IntoIterator<Item = Router>) -> Router {
+    parts
+        .into_iter()
+        .fold(Router::new(), Router::merge)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n").into_response() })
+}
+
+/// The HTTP variant of the server's TLS configuration: same certificate,
+/// ALPN for HTTP/2 and HTTP/1.1, a session cache (browsers and media
+/// clients open many short connections).
+pub fn tls_config(base: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut sc = base.clone();
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    sc.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    Arc::new(sc)
+}
+
+/// How connections on the listener are spoken to.
+#[derive(Clone)]
+pub struct Transport {
+    pub tls: TlsAcceptor,
+    /// Also accept plain HTTP (loopback with `--allow-plaintext` only).
+    pub plaintext: bool,
+}
+
+impl Transport {
+    /// TLS, plus plain HTTP when `allow_plaintext` is set and `addr` is
+    /// loopback.
+    pub fn new(tls: Arc<rustls::ServerConfig>, allow_plaintext: bool, addr: SocketAddr) -> Transport {
+        let plaintext = allow_plaintext && addr.ip().is_loopback();
+        if allow_plaintext && !plaintext {
+            tracing::warn!(%addr, "plain HTTP is only accepted on loopback; the HTTP listener requires TLS");
+        }
+        Transport {
+            tls: TlsAcceptor::from(tls),
+            plaintext,
+        }
+    }
+}
+
+/// Accepts connections forever and serves `app` on each.
+pub async fn serve(listener: TcpListener, app: Router, transport: Transport, cfg: HttpConfig) {
+    let sem = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    let timeout = Duration::from_secs(cfg.header_timeout_secs.max(1));
+    loop {
+        let Ok(permit) = sem.clone().acquire_owned().await else { return };
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "http accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let app = app.clone();
+        let transport = transport.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = connection(sock, app, &transport, timeout).await {
+                tracing::debug!(%peer, error = %e, "http connection ended");
+            }
+        });
+    }
+}
+
+async fn connection(sock: TcpStream, app: Router, t: &Transport, timeout: Duration) -> anyhow::Result<()> {
+    let tls = if t.plaintext {
+        let mut first = [0u8; 1];
+        let n = tokio::time::timeout(timeout, sock.peek(&mut first)).await??;
+        n == 1 && first[0] == 0x16
+    } else {
+        true
+    };
+    if tls {
+        let stream = tokio::time::timeout(timeout, t.tls.accept(sock)).await??;
+        serve_io(TokioIo::new(stream), app, timeout).await
+    } else {
+        serve_io(TokioIo::new(sock), app, timeout).await
+    }
+}
+
+async fn serve_io<I>(io: I, app: Router, timeout: Duration) -> anyhow::Result<()>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .max_buf_size(64 * 1024);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(timeout)
+        .max_header_list_size(64 * 1024);
+    b.serve_connection(io, TowerToHyperService::new(app))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Starts the HTTP side of a node: binds `listen.http` (printing
+/// `listening http ADDR`), mounts the media routes unless the node's role
+/// is `chat`, plus `extra` route sets, starts the media reaper, and
+/// installs the XEP-0363 slot issuer into `issuer` (when given) with
+/// `media.public_url` or `https://DOMAIN:PORT`. Returns the spawned tasks.
+///
+/// # Errors
+/// The port is in use, the media index or directories are unusable, or
+/// the media role is asked for without an HTTP listener.
+pub async fn start(
+    cfg: &crate::config::Config,
+    tls: &rustls::ServerConfig,
+    issuer: Option<&std::sync::OnceLock<Arc<crate::media::slot::Issuer>>>,
+    extra: Vec<Router>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use crate::config::Role;
+    use crate::media::{self, slot::Issuer};
+    let mut tasks = Vec::new();
+    let http = &cfg.listen.http;
+    if http.is_empty() {
+        if cfg.role == Role::Media {
+            anyhow::bail!("--role media needs an HTTP listener (--http HOST:PORT)");
+        }
+        if let Some(cell) = issuer
+            && !cfg.media.public_url.is_empty()
+        {
+            let key = media::load_secret(&cfg.media, &cfg.data_dir)?;
+            let _ = cell.set(Arc::new(Issuer::new(&cfg.media, key, &cfg.media.public_url, None)));
+        }
+        return Ok(tasks);
+    }
+    let addr = crate::config::parse_addr(http)?;
+    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let mut routes = extra;
+    let mut store = None;
+    if cfg.role != Role::Chat {
+        let m = media::Media::open(cfg)?;
+        routes.push(media::routes::routes(m.clone()));
+        tasks.push(tokio::spawn(media::reaper::run(m.clone())));
+        store = Some(m);
+    }
+    if let Some(cell) = issuer {
+        let base = if cfg.media.public_url.is_empty() {
+            format!("https://{}:{}", cfg.domain, local.port())
+        } else {
+            cfg.media.public_url.clone()
+        };
+        if store.is_some() || !cfg.media.public_url.is_empty() {
+            let key = match &store {
+                Some(m) => m.key.clone(),
+                None => media::load_secret(&cfg.media, &cfg.data_dir)?,
+            };
+            let _ = cell.set(Arc::new(Issuer::new(&cfg.media, key, &base, store.clone())));
+        }
+    }
+    println!("listening http {local}");
+    let transport = Transport::new(tls_config(tls), cfg.listen.allow_plaintext, local);
+    tasks.push(tokio::spawn(serve(listener, merge(routes), transport, cfg.http.clone())));
+    Ok(tasks)
+}

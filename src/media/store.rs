@@ -1,0 +1,348 @@
+//! The media service's state: tier directories, the index, the slot key;
+//! committing uploads, releasing references, expiry.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+
+use super::index::{BlobRecord, FjallIndex, MediaIndex, Op, RefRecord};
+use super::slot::Slot;
+use super::{MediaConfig, Tier};
+use crate::config::Config;
+use crate::storage::StoreError;
+
+/// Why an upload could not be committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("this slot has already been used")]
+    AlreadyUsed,
+    #[error("the account's media quota is exhausted")]
+    Quota,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A committed upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub tier: Tier,
+    /// The content was already stored; only a reference was added.
+    pub deduplicated: bool,
+}
+
+/// The media service.
+pub struct Media {
+    pub cfg: MediaConfig,
+    fast: PathBuf,
+    bulk: PathBuf,
+    pub index: Arc<dyn MediaIndex>,
+    /// Serialises read-modify-write of the index and blob files.
+    lock: Mutex<()>,
+    /// Slot signing key.
+    pub key: Vec<u8>,
+}
+
+impl Media {
+    /// Opens the service for `cfg`: the index in `DATA_DIR/media/index`,
+    /// the tier directories (created if missing, stale temporary files
+    /// removed) and the slot key.
+    ///
+    /// # Errors
+    /// Unusable directories, a locked index, an unreadable key.
+    pub fn open(cfg: &Config) -> anyhow::Result<Arc<Media>> {
+        let m = &cfg.media;
+        let dir = cfg.data_dir.join("media").join("index");
+        let index = FjallIndex::open(&dir).with_context(|| format!("opening media index in {}", dir.display()))?;
+        let key = super::load_secret(m, &cfg.data_dir)?;
+        let media = Media::new(m.clone(), m.fast_dir(&cfg.data_dir), m.bulk_dir(&cfg.data_dir), Arc::new(index), key)?;
+        tracing::info!(fast = %media.fast.display(), bulk = %media.bulk.display(), "media tiers");
+        Ok(Arc::new(media))
+    }
+
+    /// Builds the service over an index (tests use a memory index).
+    ///
+    /// # Errors
+    /// The directories cannot be created.
+    pub fn new(cfg: MediaConfig, fast: PathBuf, bulk: PathBuf, index: Arc<dyn MediaIndex>, key: Vec<u8>) -> anyhow::Result<Media> {
+        for d in [&fast, &bulk] {
+            let tmp = d.join("tmp");
+            std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            // Partial uploads of a previous run.
+            if let Ok(rd) = std::fs::read_dir(&tmp) {
+                for e in rd.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(Media {
+            cfg,
+            fast,
+            bulk,
+            index,
+            lock: Mutex::new(()),
+            key,
+        })
+    }
+
+    pub fn dir(&self, tier: Tier) -> &Path {
+        match tier {
+            Tier::Fast => &self.fast,
+            Tier::Bulk => &self.bulk,
+        }
+    }
+
+    /// Where a blob lives: `TIER/ab/cd/abcd…`. `sha256` is lower-case
+    /// hex produced by the server, never a client string.
+    pub fn blob_path(&self, tier: Tier, sha256: &str) -> PathBuf {
+        let a = sha256.get(0..2).unwrap_or("00");
+        let b = sha256.get(2..4).unwrap_or("00");
+        self.dir(tier).join(a).join(b).join(sha256)
+    }
+
+    /// A fresh temporary file name in the tier (same file system as the
+    /// blobs, so the final rename is atomic).
+    pub fn temp_path(&self, tier: Tier) -> PathBuf {
+        self.dir(tier).join("tmp").join(format!("{}.part", super::slot::new_id()))
+    }
+
+    fn guard(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
+        self.lock.lock().map_err(|_| StoreError::Closed)
+    }
+
+    /// Whether `size` more bytes would take `account` over its quota.
+    ///
+    /// # Errors
+    /// Index read failure.
+    pub fn would_exceed_quota(&self, account: &str, size: u64) -> Result<bool, StoreError> {
+        Ok(self.index.usage(account)?.saturating_add(size) > self.cfg.quota_bytes)
+    }
+
+    /// The reference `id` and the file holding its content.
+    ///
+    /// # Errors
+    /// Index read failure.
+    pub fn locate(&self, id: &str) -> Result<Option<(RefRecord, PathBuf)>, StoreError> {
+        let Some(r) = self.index.get_ref(id)? else { return Ok(None) };
+        let Some(b) = self.index.get_blob(&r.sha256)? else { return Ok(None) };
+        let p = self.blob_path(b.tier, &r.sha256);
+        Ok(Some((r, p)))
+    }
+
+    /// Records a finished upload whose content is in `temp` (fsynced):
+    /// moves it into place unless identical content is already stored,
+    /// and adds the slot's reference. The caller removes `temp` if it is
+    /// still there afterwards. Blocking.
+    ///
+    /// # Errors
+    /// The slot was used already, the quota is exhausted, IO or index
+    /// failure.
+    pub fn commit(&self, slot: &Slot, tier: Tier, sha256: &str, temp: &Path) -> Result<Committed, CommitError> {
+        let _g = self.guard()?;
+        if self.index.get_ref(&slot.id)?.is_some() {
+            return Err(CommitError::AlreadyUsed);
+        }
+        let usage = self.index.usage(&slot.account)?;
+        if usage.saturating_add(slot.size) > self.cfg.quota_bytes {
+            return Err(CommitError::Quota);
+        }
+        let now = super::now_ms();
+        let existing = self
+            .index
+            .get_blob(sha256)?
+            .filter(|b| self.blob_path(b.tier, sha256).is_file());
+        let (blob, deduplicated) = match existing {
+            Some(mut b) => {
+                b.refs += 1;
+                (b, true)
+            }
+            None => {
+                let dest = self.blob_path(tier, sha256);
+                let parent = dest.parent().unwrap_or(self.dir(tier));
+                std::fs::create_dir_all(parent)?;
+                std::fs::rename(temp, &dest)?;
+                sync_dir(parent);
+                (
+                    BlobRecord {
+                        tier,
+                        size: slot.size,
+                        refs: 1,
+                        created_ms: now,
+                    },
+                    false,
+                )
+            }
+        };
+        let tier = blob.tier;
+        let r = RefRecord {
+            sha256: sha256.to_string(),
+            account: slot.account.clone(),
+            filename: slot.filename.clone(),
+            content_type: slot.content_type.clone(),
+            size: slot.size,
+            uploaded_ms: now,
+        };
+        self.index.apply(&[
+            Op::PutRef(slot.id.clone(), r),
+            Op::PutBlob(sha256.to_string(), blob),
+            Op::SetUsage(slot.account.clone(), usage.saturating_add(slot.size)),
+        ])?;
+        Ok(Committed { tier, deduplicated })
+    }
+
+    /// Drops references; blobs left without any are deleted. Returns how
+    /// many references existed. Blocking.
+    ///
+    /// # Errors
+    /// Index failure (nothing is deleted then).
+    pub fn release(&self, ids: &[String]) -> Result<usize, StoreError> {
+        let _g = self.guard()?;
+        let mut ops = Vec::new();
+        let mut blobs: HashMap<String, Option<BlobRecord>> = HashMap::new();
+        let mut usage: HashMap<String, u64> = HashMap::new();
+        let mut n = 0;
+        for id in ids {
+            let Some(r) = self.index.get_ref(id)? else { continue };
+            n += 1;
+            ops.push(Op::DelRef(id.clone(), r.uploaded_ms));
+            if !blobs.contains_key(&r.sha256) {
+                let b = self.index.get_blob(&r.sha256)?;
+                blobs.insert(r.sha256.clone(), b);
+            }
+            if let Some(Some(b)) = blobs.get_mut(&r.sha256) {
+                b.refs = b.refs.saturating_sub(1);
+            }
+            if !usage.contains_key(&r.account) {
+                let u = self.index.usage(&r.account)?;
+                usage.insert(r.account.clone(), u);
+            }
+            if let Some(u) = usage.get_mut(&r.account) {
+                *u = u.saturating_sub(r.size);
+            }
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut doomed = Vec::new();
+        for (h, b) in blobs {
+            match b {
+                Some(b) if b.refs == 0 => {
+                    doomed.push(self.blob_path(b.tier, &h));
+                    ops.push(Op::DelBlob(h));
+                }
+                Some(b) => ops.push(Op::PutBlob(h, b)),
+                None => {}
+            }
+        }
+        ops.extend(usage.into_iter().map(|(a, u)| Op::SetUsage(a, u)));
+        self.index.apply(&ops)?;
+        // Records first, files second: a crash in between leaves an
+        // unindexed file, never a record without its file.
+        for p in doomed {
+            if let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %p.display(), error = %e, "could not delete media file");
+            }
+        }
+        Ok(n)
+    }
+
+    /// Releases every reference uploaded before `cutoff_ms`; returns how
+    /// many. Blocking.
+    ///
+    /// # Errors
+    /// Index failure.
+    pub fn expire(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let batch: Vec<String> = self.index.uploaded_before(cutoff_ms, 500)?.into_iter().map(|(id, _)| id).collect();
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            total += self.release(&batch)?;
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::index::MemoryIndex;
+    use super::*;
+
+    fn media(quota: u64) -> (Media, PathBuf) {
+        let root = std::env::temp_dir().join(format!("chatd-media-store-{}-{quota}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let cfg = MediaConfig {
+            quota_bytes: quota,
+            ..Default::default()
+        };
+        let m = Media::new(cfg, root.join("fast"), root.join("bulk"), Arc::new(MemoryIndex::default()), b"k".repeat(16)).unwrap();
+        (m, root)
+    }
+
+    fn slot(id: &str, size: u64) -> Slot {
+        Slot {
+            id: id.into(),
+            account: "1555".into(),
+            filename: "a.png".into(),
+            size,
+            content_type: "image/png".into(),
+            expires: 0,
+        }
+    }
+
+    fn temp(m: &Media, tier: Tier, data: &[u8]) -> PathBuf {
+        let p = m.temp_path(tier);
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    #[test]
+    fn dedupe_refcount_and_release() {
+        let (m, root) = media(1000);
+        let h = "ab".repeat(32);
+        let t1 = temp(&m, Tier::Fast, b"abc");
+        let c = m.commit(&slot("one", 3), Tier::Fast, &h, &t1).unwrap();
+        assert_eq!(c, Committed { tier: Tier::Fast, deduplicated: false });
+        let path = m.blob_path(Tier::Fast, &h);
+        assert!(path.is_file());
+        assert!(path.starts_with(root.join("fast").join("ab").join("ab")));
+        let t2 = temp(&m, Tier::Fast, b"abc");
+        assert!(m.commit(&slot("two", 3), Tier::Fast, &h, &t2).unwrap().deduplicated);
+        assert!(t2.exists(), "the caller removes an unused temporary file");
+        assert!(matches!(m.commit(&slot("two", 3), Tier::Fast, &h, &t2), Err(CommitError::AlreadyUsed)));
+        assert_eq!(m.index.get_blob(&h).unwrap().unwrap().refs, 2);
+        assert_eq!(m.index.usage("1555").unwrap(), 6);
+        assert_eq!(m.release(&["one".into()]).unwrap(), 1);
+        assert!(path.is_file());
+        assert_eq!(m.release(&["two".into(), "nope".into()]).unwrap(), 1);
+        assert!(!path.exists());
+        assert_eq!(m.index.get_blob(&h).unwrap(), None);
+        assert_eq!(m.index.usage("1555").unwrap(), 0);
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn quota_and_expiry() {
+        let (m, root) = media(5);
+        let t = temp(&m, Tier::Bulk, b"abc");
+        m.commit(&slot("one", 3), Tier::Bulk, &"cd".repeat(32), &t).unwrap();
+        assert!(m.would_exceed_quota("1555", 3).unwrap());
+        let t = temp(&m, Tier::Bulk, b"xyz");
+        assert!(matches!(m.commit(&slot("two", 3), Tier::Bulk, &"ef".repeat(32), &t), Err(CommitError::Quota)));
+        assert_eq!(m.expire(1).unwrap(), 0);
+        assert_eq!(m.expire(u64::MAX).unwrap(), 1);
+        assert!(!m.blob_path(Tier::Bulk, &"cd".repeat(32)).exists());
+        let _ = std::fs::remove_dir_all(root);
+    }
+}

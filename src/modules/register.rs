@@ -1,0 +1,145 @@
+//! XEP-0077 In-Band Registration, off unless `registration.in_band` is
+//! set: before authentication a client may create an account whose
+//! username is a phone number; after authentication it may change its
+//! password or remove its account, which erases everything stored for it.
+//! Registrations are limited per client IP per hour.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::admin::{self, Request};
+use crate::c2s::session::Session;
+use crate::protocol::element::escape;
+use crate::protocol::stanza::{StanzaError, error_reply, iq_result};
+use crate::protocol::{Element, phone};
+use crate::server::Server;
+
+pub const NS: &str = "jabber:iq:register";
+pub const FEATURE: &str = "http://jabber.org/features/iq-register";
+
+/// Registrations per IP in the current hour.
+#[derive(Default)]
+pub struct IpLimit {
+    windows: Mutex<HashMap<IpAddr, (Instant, usize)>>,
+}
+
+impl IpLimit {
+    fn take(&self, ip: IpAddr, max: usize) -> bool {
+        let Ok(mut w) = self.windows.lock() else { return false };
+        let now = Instant::now();
+        let e = w.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(3600) {
+            *e = (now, 0);
+        }
+        if e.1 >= max {
+            return false;
+        }
+        e.1 += 1;
+        true
+    }
+}
+
+fn err(iq: &Element, e: StanzaError, text: &str) -> String {
+    error_reply(iq, e, Some(text)).to_xml()
+}
+
+/// Handles a registration iq before authentication; returns the reply.
+pub async fn pre_auth(srv: &Server, iq: &Element, q: &Element, ip: IpAddr) -> String {
+    match iq.attr("type") {
+        Some("get") => {
+            let mut r = iq_result(iq);
+            r.push(
+                Element::new("query", NS)
+                    .with_child(Element::stanza("instructions").with_text("Username: your phone number in international form."))
+                    .with_child(Element::stanza("username"))
+                    .with_child(Element::stanza("password")),
+            );
+            r.to_xml()
+        }
+        Some("set") => {
+            let username = q.child("username", NS).map(|e| e.text()).unwrap_or_default();
+            let password = q.child("password", NS).map(|e| e.text()).unwrap_or_default();
+            let Ok(local) = phone::normalize(&username, srv.cfg.region()) else {
+                return err(iq, StanzaError::NotAcceptable, "username must be a phone number");
+            };
+            if password.is_empty() || password.len() > 1024 {
+                return err(iq, StanzaError::NotAcceptable, "password must be 1 to 1024 bytes");
+            }
+            if srv.router.account_exists(&local) {
+                return err(iq, StanzaError::Conflict, "account exists");
+            }
+            if !srv.ibr_limit.take(ip, srv.cfg.registration.in_band_per_ip_per_hour) {
+                return err(iq, StanzaError::ResourceConstraint, "too many registrations");
+            }
+            let iters = srv.cfg.auth.scram_iterations;
+            let rec = tokio::task::spawn_blocking(move || crate::accounts::make_record(&password, iters, crate::accounts::now_ms()))
+                .await;
+            let Ok(rec) = rec else {
+                return err(iq, StanzaError::InternalServerError, "");
+            };
+            let resp = admin::execute(
+                &srv.stores,
+                None,
+                Request::Put {
+                    users: vec![(local.clone(), rec)],
+                    replace: false,
+                    must_exist: false,
+                },
+            );
+            if resp.ok {
+                tracing::info!(account = %local, %ip, "registered in-band");
+                iq_result(iq).to_xml()
+            } else {
+                err(iq, StanzaError::Conflict, &escape(resp.error.as_deref().unwrap_or("")))
+            }
+        }
+        _ => err(iq, StanzaError::BadRequest, ""),
+    }
+}
+
+/// Handles a registration iq from an authenticated session: password
+/// change, or `<remove/>`.
+pub fn post_auth(s: &mut Session, iq: &Element, q: &Element) {
+    if !s.srv.cfg.registration.in_band || iq.attr("type") != Some("set") {
+        s.reply_error(iq, StanzaError::ServiceUnavailable);
+        return;
+    }
+    let srv = s.srv.clone();
+    if q.has_child("remove", NS) {
+        let mut r = iq_result(iq);
+        r.set_attr("to", s.jid.to_string());
+        r.remove_attr("from");
+        s.send(&r);
+        let resp = admin::execute(&srv.stores, Some(&srv), Request::Delete { local: s.local.clone() });
+        if !resp.ok {
+            tracing::error!(account = %s.local, error = ?resp.error, "in-band removal failed");
+        }
+        s.close("not-authorized", Some("account removed".into()));
+        return;
+    }
+    let Some(pw) = q.child("password", NS).map(|e| e.text()).filter(|p| !p.is_empty() && p.len() <= 1024) else {
+        s.reply_error(iq, StanzaError::BadRequest);
+        return;
+    };
+    let mut rec = crate::accounts::make_record(&pw, srv.cfg.auth.scram_iterations, crate::accounts::now_ms());
+    rec.key_generation = 1;
+    let resp = admin::execute(
+        &srv.stores,
+        None,
+        Request::Put {
+            users: vec![(s.local.clone(), rec)],
+            replace: true,
+            must_exist: true,
+        },
+    );
+    if resp.ok {
+        let mut r = iq_result(iq);
+        r.set_attr("to", s.jid.to_string());
+        r.remove_attr("from");
+        s.send(&r);
+    } else {
+        s.reply_error(iq, StanzaError::InternalServerError);
+    }
+}

@@ -1,0 +1,225 @@
+//! Test support: start the real `chatd` binary on port 0 and speak raw
+//! XMPP to it (PLAIN over loopback with `--allow-plaintext`), for the
+//! cases a full client library hides.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use chatd::protocol::{Element, Frame, Framer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct TestServer {
+    pub child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub cfg: PathBuf,
+}
+
+impl TestServer {
+    /// Starts a server with `config` (TOML) in a fresh directory and creates
+    /// the accounts `+PHONE,password` given.
+    pub fn start(name: &str, config: &str, users: &[(&str, &str)]) -> TestServer {
+        let dir = std::env::temp_dir().join(format!("chatd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("chatd.toml");
+        std::fs::write(&cfg, config).unwrap();
+        for (phone, pw) in users {
+            let st = Command::new(env!("CARGO_BIN_EXE_chatd"))
+                .args(["user", "add", phone, "--password", pw, "--config"])
+                .arg(&cfg)
+                .arg("--data-dir")
+                .arg(dir.join("data"))
+                .env("CHATD_LOG", "warn")
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let (child, port) = spawn(&dir.join("data"), &cfg);
+        TestServer { child, port, dir, cfg }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Runs `chatd user ARGS` against this server's data directory.
+    pub fn user_cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_chatd"))
+            .arg("user")
+            .args(args)
+            .arg("--config")
+            .arg(&self.cfg)
+            .arg("--data-dir")
+            .arg(self.data())
+            .env("CHATD_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn spawn(data: &Path, cfg: &Path) -> (Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--domain", "localhost", "--c2s", "127.0.0.1:0", "--c2s-tls", "", "--allow-plaintext"])
+        .env("CHATD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start chatd");
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(out).lines();
+    let mut port = 0;
+    for line in lines.by_ref() {
+        let line = line.expect("stdout");
+        if let Some(a) = line.strip_prefix("listening c2s ") {
+            port = a.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+            break;
+        }
+    }
+    assert!(port != 0, "no listening line");
+    std::thread::spawn(move || for _ in lines {});
+    let _ = std::io::stdout().flush();
+    (child, port)
+}
+
+pub const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
+
+/// A raw XMPP client.
+pub struct Client {
+    pub sock: TcpStream,
+    pub framer: Framer,
+    pub jid: String,
+}
+
+impl Client {
+    pub async fn connect(port: u16) -> Client {
+        let sock = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        Client {
+            sock,
+            framer: Framer::new(1 << 20),
+            jid: String::new(),
+        }
+    }
+
+    pub async fn send(&mut self, xml: &str) {
+        self.sock.write_all(xml.as_bytes()).await.expect("write");
+    }
+
+    /// Next frame within `secs`, or None on timeout/close/error.
+    pub async fn next(&mut self, secs: u64) -> Option<Frame> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            match self.framer.next_frame() {
+                Ok(Some(f)) => return Some(f),
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+            let mut buf = [0u8; 16384];
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.sock.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => self.framer.feed(&buf[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Next stanza matching `pred` within `secs` (others are skipped).
+    pub async fn expect(&mut self, secs: u64, pred: impl Fn(&Element) -> bool) -> Option<Element> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?.as_secs().max(1);
+            match self.next(left).await? {
+                Frame::Stanza(e) if pred(&e) => return Some(e),
+                Frame::Stanza(e) if e.local_name() == "iq" && e.attr("type") == Some("get") => {
+                    // Answer server pings so the session stays healthy.
+                    let id = e.attr("id").unwrap_or("").to_string();
+                    self.send(&format!("<iq type='result' id='{id}' to='localhost'/>")).await;
+                }
+                Frame::Stanza(_) | Frame::Header(_) => {}
+                Frame::Close => return None,
+            }
+        }
+    }
+
+    /// Collects every stanza arriving within `secs`.
+    pub async fn drain(&mut self, secs: u64) -> Vec<Element> {
+        let mut v = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next(left.as_secs().max(1)).await {
+                Some(Frame::Stanza(e)) => v.push(e),
+                Some(_) => {}
+                None => break,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        v
+    }
+
+    /// Authenticates with PLAIN and binds `resource`; sends initial
+    /// presence when `presence` is set.
+    pub async fn login(port: u16, local: &str, password: &str, resource: &str, presence: bool) -> Client {
+        let mut c = Client::connect(port).await;
+        c.send(HEADER).await;
+        c.next(5).await.expect("header");
+        c.next(5).await.expect("features");
+        let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{local}\0{password}"));
+        c.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>"))
+            .await;
+        match c.next(5).await {
+            Some(Frame::Stanza(e)) if e.local_name() == "success" => {}
+            other => panic!("auth failed for {local}: {other:?}"),
+        }
+        c.framer.reset();
+        c.send(HEADER).await;
+        c.next(5).await.expect("header");
+        c.next(5).await.expect("features");
+        c.send(&format!(
+            "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+        ))
+        .await;
+        let r = c.expect(5, |e| e.attr("id") == Some("bind")).await.expect("bind");
+        assert_eq!(r.attr("type"), Some("result"));
+        c.jid = format!("{local}@localhost/{resource}");
+        if presence {
+            c.send("<presence/>").await;
+        }
+        c
+    }
+
+    /// Sends an iq and waits for its response.
+    pub async fn iq(&mut self, id: &str, xml: &str) -> Element {
+        self.send(xml).await;
+        self.expect(5, |e| e.local_name() == "iq" && e.attr("id") == Some(id))
+            .await
+            .unwrap_or_else(|| panic!("no response to iq {id}"))
+    }
+}
+
+/// The stanza error condition of an error stanza, if any.
+pub fn error_condition(e: &Element) -> Option<String> {
+    let err = e.child("error", chatd::protocol::ns::CLIENT)?;
+    err.elements()
+        .find(|c| c.ns == chatd::protocol::ns::STANZA_ERRORS && c.local_name() != "text")
+        .map(|c| c.local_name().to_string())
+}
