@@ -81,11 +81,15 @@ case "$MODE" in
     smoke)
         SESSIONS="${SESSIONS:-6}"
         RUN_ARGS=(--smoke)
+        QUIET_WAIT="${BENCH_QUIET_WAIT:-0}"
         ;;
 esac
 OFFLINE_USERS=$(printf '%s\n' "${RUN_ARGS[@]}" | grep -A1 -x -- --offline-users | tail -n1)
 [[ "$MODE" == smoke ]] && OFFLINE_USERS=3
 ACCOUNTS=$((SESSIONS + OFFLINE_USERS))
+
+QUIET_WAIT="${BENCH_QUIET_WAIT:-300}"   # seconds to wait for other load to end
+QUIET_BUSY="${BENCH_QUIET_BUSY:-25}"    # machine busy % (of all cores) counted as quiet
 
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -331,6 +335,32 @@ start_prosody() {
     check_limit prosody
 }
 
+busy_pct() {  # machine CPU busy over one second, in % of all cores
+    local a b
+    read -r -a a < <(head -n1 /proc/stat)
+    sleep 1
+    read -r -a b < <(head -n1 /proc/stat)
+    local ta=0 tb=0 i
+    for i in 1 2 3 4 5 6 7 8; do ta=$((ta + a[i])); tb=$((tb + b[i])); done
+    local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=$((tb - ta))
+    echo $(( total > 0 ? 100 * (total - idle) / total : 0 ))
+}
+
+wait_quiet() {  # other processes share the cores: wait (bounded) until they are done
+    local start busy
+    start=$(date +%s)
+    while :; do
+        busy=$(busy_pct)
+        [[ "$busy" -le "$QUIET_BUSY" ]] && return 0
+        if (( $(date +%s) - start >= QUIET_WAIT )); then
+            log "warning: machine still ${busy}% busy with other processes; measuring anyway"
+            return 0
+        fi
+        log "machine ${busy}% busy with other processes; waiting (up to ${QUIET_WAIT}s, BENCH_QUIET_WAIT)"
+        sleep 4
+    done
+}
+
 port_of() { case "$1" in chatd) echo "$CHATD_PORT" ;; ejabberd) echo "$EJABBERD_PORT" ;; prosody) echo "$PROSODY_PORT" ;; esac; }
 
 run_bench() {  # server scenario phases
@@ -378,10 +408,12 @@ for srv in "${server_list[@]}"; do
     log "== $srv: accounts ($ACCOUNTS)"
     create_accounts "$srv"
     log "== $srv: login, idle and steady load"
+    wait_quiet
     "start_$srv"
     run_bench "$srv" load login,idle,steady
     stop_server
     log "== $srv: offline burst (server restarted)"
+    wait_quiet
     "start_$srv"
     run_bench "$srv" offline offline
     stop_server

@@ -118,12 +118,45 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
-/// A snapshot of a server's and this generator's CPU time.
+/// CPU seconds the whole machine spent busy (not idle or waiting for I/O).
+pub fn machine_busy_secs() -> Option<f64> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return None;
+    }
+    let total: f64 = v.iter().sum();
+    Some((total - v[3] - v[4]) / clock_ticks())
+}
+
+/// A snapshot of a server's, this generator's and the machine's CPU time.
 #[derive(Clone, Copy, Debug)]
 pub struct CpuMark {
     pub at: std::time::Instant,
     pub server: Option<f64>,
     pub gen_secs: f64,
+    pub machine: Option<f64>,
+}
+
+/// CPU used between two marks.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuUse {
+    pub wall: f64,
+    pub server: Option<f64>,
+    pub generator: f64,
+    /// CPU seconds of every other process on the machine.
+    pub other: Option<f64>,
+}
+
+impl CpuUse {
+    pub fn pct(&self, secs: f64) -> f64 {
+        secs * 100.0 / self.wall.max(1e-9)
+    }
 }
 
 impl CpuMark {
@@ -132,21 +165,27 @@ impl CpuMark {
             at: std::time::Instant::now(),
             server: pid.and_then(cpu_secs),
             gen_secs: self_cpu_secs(),
+            machine: machine_busy_secs(),
         }
     }
 
-    /// (wall seconds, server CPU seconds, generator CPU seconds) since `self`.
-    pub fn since(&self, pid: Option<u32>) -> (f64, Option<f64>, f64) {
+    pub fn since(&self, pid: Option<u32>) -> CpuUse {
         let now = CpuMark::take(pid);
         let server = match (self.server, now.server) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
-        (
-            now.at.duration_since(self.at).as_secs_f64(),
+        let generator = now.gen_secs - self.gen_secs;
+        let other = match (self.machine, now.machine) {
+            (Some(a), Some(b)) => Some((b - a - server.unwrap_or(0.0) - generator).max(0.0)),
+            _ => None,
+        };
+        CpuUse {
+            wall: now.at.duration_since(self.at).as_secs_f64(),
             server,
-            now.gen_secs - self.gen_secs,
-        )
+            generator,
+            other,
+        }
     }
 }
 
@@ -160,6 +199,7 @@ mod tests {
         assert!(cpu_secs(pid).is_some());
         assert!(rss_kib(pid).unwrap() > 0);
         assert!(nofile_limit(pid).unwrap() > 0);
+        assert!(machine_busy_secs().unwrap() > 0.0);
     }
 
     #[test]

@@ -234,6 +234,20 @@ fn markdown(sums: &[ServerSummary], versions: &str) -> String {
             }),
         ),
         (
+            "other processes' CPU, max over steps (%)",
+            Box::new(move |x| {
+                f(
+                    load(x).steady.and_then(|st| {
+                        st.steps
+                            .iter()
+                            .filter_map(|p| p.other_cpu_pct)
+                            .reduce(f64::max)
+                    }),
+                    0,
+                )
+            }),
+        ),
+        (
             "server open-files limit",
             Box::new(move |x| {
                 load(x)
@@ -255,12 +269,12 @@ fn markdown(sums: &[ServerSummary], versions: &str) -> String {
             continue;
         };
         let _ = writeln!(s, "\n## {}: steady load steps\n", x.server);
-        s.push_str("| target/s | sent/s | delivered/s | p50 ms | p90 ms | p99 ms | max ms | lost | late | server CPU % | generator CPU % | server RSS MiB | within limits |\n");
-        s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n");
+        s.push_str("| target/s | sent/s | delivered/s | p50 ms | p90 ms | p99 ms | max ms | lost | late | server CPU % | generator CPU % | other CPU % | server RSS MiB | within limits |\n");
+        s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|\n");
         for p in &st.steps {
             let _ = writeln!(
                 s,
-                "| {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {} | {} |",
+                "| {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {} | {} | {} |",
                 p.target_rate,
                 p.sent_rate,
                 p.delivered_rate,
@@ -272,6 +286,7 @@ fn markdown(sums: &[ServerSummary], versions: &str) -> String {
                 p.late,
                 f(p.server_cpu_pct, 0),
                 p.gen_cpu_pct,
+                f(p.other_cpu_pct, 0),
                 f(p.server_rss_kib.map(|k| k as f64 / 1024.0), 1),
                 if p.pass { "yes" } else { "no" }
             );

@@ -34,6 +34,8 @@ pub struct LoginResult {
     pub server_cpu_ms_per_login: Option<f64>,
     pub gen_cpu_s: f64,
     pub gen_cpu_ms_per_login: f64,
+    /// CPU of all other processes on the machine during the ramp (100 = one core).
+    pub other_cpu_pct: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Default, Debug, Clone)]
@@ -67,6 +69,9 @@ pub struct StepResult {
     pub drain_secs: f64,
     pub server_cpu_pct: Option<f64>,
     pub gen_cpu_pct: f64,
+    /// CPU of all other processes on the machine (100 = one core); high
+    /// values mean the figures were disturbed.
+    pub other_cpu_pct: Option<f64>,
     pub server_rss_kib: Option<u64>,
     pub sessions_alive: usize,
     pub pass: bool,

@@ -58,17 +58,25 @@ pub fn spawn_ack_ticker(
     every: Duration,
     stop: Arc<AtomicBool>,
 ) {
+    crate::session::ACK_EVERY_NS.store(every.as_nanos() as u64, Relaxed);
+    // Visit a slice of the sessions every 10 ms, so requests are spread
+    // over the interval instead of arriving at the server in one burst.
+    let slices = (every.as_millis() / 10).max(1) as usize;
     tokio::spawn(async move {
-        let mut iv = tokio::time::interval(every);
+        let mut iv = tokio::time::interval(every / slices as u32);
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut k = 0usize;
         while !stop.load(Relaxed) {
             iv.tick().await;
-            let all: Vec<Arc<Session>> = registry.lock().expect("registry").clone();
-            for s in all {
-                if s.is_alive() && s.sm_on.load(Relaxed) && s.unacked() > 0 {
-                    s.request_ack();
-                }
+            let part: Vec<Arc<Session>> = {
+                let all = registry.lock().expect("registry");
+                let n = all.len();
+                all[n * k / slices..n * (k + 1) / slices].to_vec()
+            };
+            for s in part {
+                s.maybe_request_ack();
             }
+            k = (k + 1) % slices;
         }
     });
 }
@@ -212,7 +220,8 @@ pub async fn phase_login(
     ));
     let mark = CpuMark::take(ctx.pid);
     let out = login_range(ctx, range).await;
-    let (_, server_cpu, gen_cpu) = mark.since(ctx.pid);
+    let cpu = mark.since(ctx.pid);
+    let (server_cpu, gen_cpu) = (cpu.server, cpu.generator);
     let ok = out.sessions.len();
     let sm = out
         .sessions
@@ -232,6 +241,7 @@ pub async fn phase_login(
         server_cpu_ms_per_login: server_cpu.map(|c| c * 1000.0 / ok.max(1) as f64),
         gen_cpu_s: gen_cpu,
         gen_cpu_ms_per_login: gen_cpu * 1000.0 / ok.max(1) as f64,
+        other_cpu_pct: cpu.other.map(|o| cpu.pct(o)),
     };
     ctx.log(&format!(
         "logins: {ok}/{attempted} in {:.2}s = {:.0}/s, server CPU {} ms/login, generator CPU {:.3} ms/login, SM on {sm}",
@@ -257,7 +267,8 @@ pub async fn phase_idle(
 ) -> IdleResult {
     let mark = CpuMark::take(ctx.pid);
     tokio::time::sleep(settle).await;
-    let (wall, server_cpu, _) = mark.since(ctx.pid);
+    let cpu = mark.since(ctx.pid);
+    let (wall, server_cpu) = (cpu.wall, cpu.server);
     let alive = sessions.iter().filter(|s| s.is_alive()).count();
     let after = ctx.rss();
     let per = match (rss_before, after) {
@@ -327,7 +338,7 @@ pub async fn phase_steady(ctx: &Ctx, sessions: &[Arc<Session>], o: &SteadyOpts) 
             && !gen_limited
             && s.sessions_alive == all.len();
         ctx.log(&format!(
-            "rate {rate:>8.0}/s: sent {:.0}/s delivered {:.0}/s p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms lost {} late {} server CPU {}% gen CPU {:.0}% alive {}",
+            "rate {rate:>8.0}/s: sent {:.0}/s delivered {:.0}/s p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms lost {} late {} server CPU {}% gen CPU {:.0}% other CPU {}% alive {}",
             s.sent_rate,
             s.delivered_rate,
             s.p50_ms,
@@ -338,6 +349,7 @@ pub async fn phase_steady(ctx: &Ctx, sessions: &[Arc<Session>], o: &SteadyOpts) 
             s.late,
             s.server_cpu_pct.map_or("?".into(), |v| format!("{v:.0}")),
             s.gen_cpu_pct,
+            s.other_cpu_pct.map_or("?".into(), |v| format!("{v:.0}")),
             s.sessions_alive
         ));
         let pass = s.pass;
@@ -430,7 +442,8 @@ async fn run_step(
     }
     let in_window = m.received_while_open.load(Relaxed);
     m.close_window();
-    let (wall, server_cpu, gen_cpu) = mark.since(ctx.pid);
+    let cpu = mark.since(ctx.pid);
+    let (wall, server_cpu, gen_cpu) = (cpu.wall, cpu.server, cpu.generator);
     let drain_start = Instant::now();
     while m.received.load(Relaxed) < sent && drain_start.elapsed() < drain {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -456,6 +469,7 @@ async fn run_step(
         drain_secs,
         server_cpu_pct: server_cpu.map(|c| c * 100.0 / wall),
         gen_cpu_pct: gen_cpu * 100.0 / wall,
+        other_cpu_pct: cpu.other.map(|o| cpu.pct(o)),
         server_rss_kib: ctx.rss(),
         sessions_alive: all.iter().filter(|s| s.is_alive()).count(),
         pass: false,
@@ -517,7 +531,7 @@ pub async fn phase_offline(ctx: &Ctx, senders: &[Arc<Session>], o: &OfflineOpts)
     }
     r.store_secs = start.elapsed().as_secs_f64();
     r.store_rate = o.messages as f64 / r.store_secs.max(1e-9);
-    r.store_server_cpu_s = mark.since(ctx.pid).1;
+    r.store_server_cpu_s = mark.since(ctx.pid).server;
     r.rss_growth_kib = match (rss0, ctx.rss()) {
         (Some(a), Some(b)) => Some(b as i64 - a as i64),
         _ => None,
@@ -552,7 +566,7 @@ pub async fn phase_offline(ctx: &Ctx, senders: &[Arc<Session>], o: &OfflineOpts)
         drain_start.elapsed().as_secs_f64()
     };
     r.drain_rate = r.received as f64 / r.drain_secs.max(1e-9);
-    r.drain_server_cpu_s = mark.since(ctx.pid).1;
+    r.drain_server_cpu_s = mark.since(ctx.pid).server;
     r.gen_cpu_s = procstat::self_cpu_secs() - gen0;
     ctx.log(&format!(
         "offline drain: {} users logged in in {:.2}s, received {}/{} in {:.2}s = {:.0}/s, lost {}",

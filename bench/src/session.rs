@@ -4,9 +4,9 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use quick_xml::events::{BytesStart, Event};
 use tokio::io::AsyncWriteExt;
@@ -17,6 +17,16 @@ use crate::metrics::Metrics;
 use crate::xml::XmlReader;
 
 const SM_NS: &[u8] = b"urn:xmpp:sm:3";
+const R: &str = "<r xmlns='urn:xmpp:sm:3'/>";
+
+/// Minimum time between two ack requests of a session.
+pub static ACK_EVERY_NS: AtomicU64 = AtomicU64::new(1_000_000_000);
+
+/// Nanoseconds on a process-wide monotonic clock.
+pub fn mono_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
 
 /// One logged-in connection, shared by its reader, writer and the drivers.
 pub struct Session {
@@ -34,6 +44,7 @@ pub struct Session {
     pub out_count: AtomicU64,
     /// Last `h` acknowledged by the server.
     pub acked: AtomicU64,
+    last_r_ns: AtomicU64,
     /// Stanzas received since `<enabled/>`.
     pub in_count: AtomicU64,
     /// Highest `sN` id among ping results received.
@@ -56,6 +67,7 @@ impl Session {
             sm_failed: AtomicBool::new(false),
             out_count: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            last_r_ns: AtomicU64::new(0),
             in_count: AtomicU64::new(0),
             pong: AtomicU64::new(0),
             next_ping: AtomicU64::new(1),
@@ -87,15 +99,40 @@ impl Session {
     }
 
     /// Appends one chat message carrying `TIMESTAMP_NS SEQ`.
+    /// With stream management on, an ack request rides along when the last
+    /// one is older than the ack interval.
     pub fn send_chat(&self, to: &str, ts_ns: u64, seq: u64) {
+        let now = mono_ns();
+        let ask = self.sm_on.load(Relaxed)
+            && now.saturating_sub(self.last_r_ns.load(Relaxed)) >= ACK_EVERY_NS.load(Relaxed);
+        if ask {
+            self.last_r_ns.store(now, Relaxed);
+        }
         self.with_buf(1, |b| {
-            let mut s = String::with_capacity(96 + to.len());
+            let mut s = String::with_capacity(128 + to.len());
             let _ = write!(
                 s,
                 "<message type='chat' to='{to}'><body>{ts_ns} {seq}</body></message>"
             );
+            if ask {
+                s.push_str(R);
+            }
             b.extend_from_slice(s.as_bytes());
         });
+    }
+
+    /// Requests an ack if stanzas are unacknowledged and the last request
+    /// is older than the ack interval.
+    pub fn maybe_request_ack(&self) {
+        let now = mono_ns();
+        if self.is_alive()
+            && self.sm_on.load(Relaxed)
+            && self.unacked() > 0
+            && now.saturating_sub(self.last_r_ns.load(Relaxed)) >= ACK_EVERY_NS.load(Relaxed)
+        {
+            self.last_r_ns.store(now, Relaxed);
+            self.request_ack();
+        }
     }
 
     /// Sends an iq ping to the server; returns its number, see `wait_pong`.
@@ -108,7 +145,7 @@ impl Session {
     }
 
     pub fn request_ack(&self) {
-        self.send_raw(b"<r xmlns='urn:xmpp:sm:3'/>", 0);
+        self.send_raw(R.as_bytes(), 0);
     }
 
     pub fn unacked(&self) -> u64 {
