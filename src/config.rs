@@ -29,6 +29,7 @@ pub struct Config {
     pub media: crate::media::MediaConfig,
     pub profile: Profile,
     pub registration: Registration,
+    pub sms: crate::api::sms::SmsConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -186,6 +187,7 @@ impl Default for Config {
             media: Default::default(),
             profile: Profile::default(),
             registration: Registration::default(),
+            sms: Default::default(),
         }
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod api;
 pub mod c2s;
 pub mod config;
 pub mod http;

@@ -151,7 +151,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         println!("listening c2s-tls {a}");
         tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), l, true)));
     }
-    tasks.extend(crate::http::start(&srv.cfg, &srv.tls, Some(&srv.media), Vec::new()).await?);
+    let api = crate::api::accounts::routes(srv.clone())?;
+    tasks.extend(crate::http::start(&srv.cfg, &srv.tls, Some(&srv.media), vec![api]).await?);
     tasks.push(tokio::spawn(crate::modules::offline::reaper(srv.clone())));
     tasks.push(admin);
     {

@@ -79,7 +79,11 @@ pub struct Transport {
 impl Transport {
     /// TLS, plus plain HTTP when `allow_plaintext` is set and `addr` is
     /// loopback.
-    pub fn new(tls: Arc<rustls::ServerConfig>, allow_plaintext: bool, addr: SocketAddr) -> Transport {
+    pub fn new(
+        tls: Arc<rustls::ServerConfig>,
+        allow_plaintext: bool,
+        addr: SocketAddr,
+    ) -> Transport {
         let plaintext = allow_plaintext && addr.ip().is_loopback();
         if allow_plaintext && !plaintext {
             tracing::warn!(%addr, "plain HTTP is only accepted on loopback; the HTTP listener requires TLS");
@@ -96,7 +100,9 @@ pub async fn serve(listener: TcpListener, app: Router, transport: Transport, cfg
     let sem = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
     let timeout = Duration::from_secs(cfg.header_timeout_secs.max(1));
     loop {
-        let Ok(permit) = sem.clone().acquire_owned().await else { return };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            return;
+        };
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -107,7 +113,10 @@ pub async fn serve(listener: TcpListener, app: Router, transport: Transport, cfg
             }
         };
         let _ = sock.set_nodelay(true);
-        let app = app.clone();
+        // Handlers that rate-limit by client address read it from here.
+        let app = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         let transport = transport.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -118,7 +127,12 @@ pub async fn serve(listener: TcpListener, app: Router, transport: Transport, cfg
     }
 }
 
-async fn connection(sock: TcpStream, app: Router, t: &Transport, timeout: Duration) -> anyhow::Result<()> {
+async fn connection(
+    sock: TcpStream,
+    app: Router,
+    t: &Transport,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let tls = if t.plaintext {
         let mut first = [0u8; 1];
         let n = tokio::time::timeout(timeout, sock.peek(&mut first)).await??;
@@ -181,12 +195,19 @@ pub async fn start(
             && !cfg.media.public_url.is_empty()
         {
             let key = media::load_secret(&cfg.media, &cfg.data_dir)?;
-            let _ = cell.set(Arc::new(Issuer::new(&cfg.media, key, &cfg.media.public_url, None)));
+            let _ = cell.set(Arc::new(Issuer::new(
+                &cfg.media,
+                key,
+                &cfg.media.public_url,
+                None,
+            )));
         }
         return Ok(tasks);
     }
     let addr = crate::config::parse_addr(http)?;
-    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let local = listener.local_addr()?;
     let mut routes = extra;
     let mut store = None;
@@ -212,6 +233,11 @@ pub async fn start(
     }
     println!("listening http {local}");
     let transport = Transport::new(tls_config(tls), cfg.listen.allow_plaintext, local);
-    tasks.push(tokio::spawn(serve(listener, merge(routes), transport, cfg.http.clone())));
+    tasks.push(tokio::spawn(serve(
+        listener,
+        merge(routes),
+        transport,
+        cfg.http.clone(),
+    )));
     Ok(tasks)
 }

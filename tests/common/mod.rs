@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 pub struct TestServer {
     pub child: Child,
     pub port: u16,
+    pub http_port: u16,
     pub dir: PathBuf,
     pub cfg: PathBuf,
 }
@@ -41,8 +42,14 @@ impl TestServer {
                 .unwrap();
             assert!(st.success());
         }
-        let (child, port) = spawn(&dir.join("data"), &cfg);
-        TestServer { child, port, dir, cfg }
+        let (child, port, http_port) = spawn(&dir.join("data"), &cfg);
+        TestServer {
+            child,
+            port,
+            http_port,
+            dir,
+            cfg,
+        }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -72,13 +79,25 @@ impl Drop for TestServer {
     }
 }
 
-pub fn spawn(data: &Path, cfg: &Path) -> (Child, u16) {
+/// Starts the server with c2s and plain-or-TLS HTTP on loopback port 0;
+/// returns the child and the c2s and HTTP ports.
+pub fn spawn(data: &Path, cfg: &Path) -> (Child, u16, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
         .args(["serve", "--config"])
         .arg(cfg)
         .arg("--data-dir")
         .arg(data)
-        .args(["--domain", "localhost", "--c2s", "127.0.0.1:0", "--c2s-tls", "", "--allow-plaintext"])
+        .args([
+            "--domain",
+            "localhost",
+            "--c2s",
+            "127.0.0.1:0",
+            "--c2s-tls",
+            "",
+            "--http",
+            "127.0.0.1:0",
+            "--allow-plaintext",
+        ])
         .env("CHATD_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -86,18 +105,23 @@ pub fn spawn(data: &Path, cfg: &Path) -> (Child, u16) {
         .expect("start chatd");
     let out = child.stdout.take().expect("stdout");
     let mut lines = std::io::BufReader::new(out).lines();
-    let mut port = 0;
+    let (mut port, mut http) = (0, 0);
+    let parse = |a: &str| -> u16 { a.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port") };
     for line in lines.by_ref() {
         let line = line.expect("stdout");
         if let Some(a) = line.strip_prefix("listening c2s ") {
-            port = a.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+            port = parse(a);
+        } else if let Some(a) = line.strip_prefix("listening http ") {
+            http = parse(a);
+        }
+        if port != 0 && http != 0 {
             break;
         }
     }
-    assert!(port != 0, "no listening line");
+    assert!(port != 0 && http != 0, "no listening lines");
     std::thread::spawn(move || for _ in lines {});
     let _ = std::io::stdout().flush();
-    (child, port)
+    (child, port, http)
 }
 
 pub const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
@@ -222,4 +246,33 @@ pub fn error_condition(e: &Element) -> Option<String> {
     err.elements()
         .find(|c| c.ns == chatd::protocol::ns::STANZA_ERRORS && c.local_name() != "text")
         .map(|c| c.local_name().to_string())
+}
+
+/// A minimal HTTP/1.1 exchange over plain TCP: returns status, headers
+/// (lowercased names) and body.
+pub async fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).await.expect("connect http");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await.expect("write");
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut resp))
+        .await
+        .expect("http timeout")
+        .expect("read");
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
 }
