@@ -71,7 +71,10 @@ impl http_body::Body for FileBody {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         loop {
             if let Some(h) = this.pending.as_mut() {
@@ -134,7 +137,9 @@ pub enum RangeRequest {
 /// syntax, other units, and more than [`MAX_RANGES`] ranges are ignored
 /// (the whole file is sent), as RFC 9110 permits.
 pub fn parse_range(h: &str, len: u64) -> RangeRequest {
-    let Some(spec) = h.trim().strip_prefix("bytes=") else { return RangeRequest::Full };
+    let Some(spec) = h.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
     let mut out = Vec::new();
     let mut count = 0;
     for part in spec.split(',') {
@@ -146,7 +151,9 @@ pub fn parse_range(h: &str, len: u64) -> RangeRequest {
         if count > MAX_RANGES {
             return RangeRequest::Full;
         }
-        let Some((a, b)) = part.split_once('-') else { return RangeRequest::Full };
+        let Some((a, b)) = part.split_once('-') else {
+            return RangeRequest::Full;
+        };
         let (a, b) = (a.trim(), b.trim());
         let num = |s: &str| -> Option<u64> {
             if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
@@ -157,13 +164,17 @@ pub fn parse_range(h: &str, len: u64) -> RangeRequest {
         };
         let r = if a.is_empty() {
             // Suffix: the last `b` bytes.
-            let Some(n) = num(b) else { return RangeRequest::Full };
+            let Some(n) = num(b) else {
+                return RangeRequest::Full;
+            };
             if n == 0 || len == 0 {
                 continue;
             }
             Some((len.saturating_sub(n), len - 1))
         } else {
-            let Some(start) = num(a) else { return RangeRequest::Full };
+            let Some(start) = num(a) else {
+                return RangeRequest::Full;
+            };
             let end = if b.is_empty() {
                 u64::MAX
             } else {
@@ -199,7 +210,10 @@ mod tests {
         assert_eq!(parse_range("bytes=500-", 1000), Partial(vec![(500, 999)]));
         assert_eq!(parse_range("bytes=-100", 1000), Partial(vec![(900, 999)]));
         assert_eq!(parse_range("bytes=-5000", 1000), Partial(vec![(0, 999)]));
-        assert_eq!(parse_range("bytes=0-0, 10-2000", 1000), Partial(vec![(0, 0), (10, 999)]));
+        assert_eq!(
+            parse_range("bytes=0-0, 10-2000", 1000),
+            Partial(vec![(0, 0), (10, 999)])
+        );
         assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
         assert_eq!(parse_range("bytes=5-1", 1000), Full);
         assert_eq!(parse_range("items=0-1", 1000), Full);
@@ -207,7 +221,13 @@ mod tests {
         assert_eq!(parse_range("bytes=+1-2", 1000), Full);
         assert_eq!(parse_range("bytes=", 1000), Full);
         assert_eq!(parse_range("bytes=0-18446744073709551616", 1000), Full);
-        let many = format!("bytes={}", (0..20).map(|i| format!("{i}-{i}")).collect::<Vec<_>>().join(","));
+        let many = format!(
+            "bytes={}",
+            (0..20)
+                .map(|i| format!("{i}-{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
         assert_eq!(parse_range(&many, 1000), Full);
     }
 
@@ -221,9 +241,15 @@ mod tests {
             f,
             vec![
                 Part::Bytes(Bytes::from_static(b"<")),
-                Part::File { offset: 10, len: 300_000 },
+                Part::File {
+                    offset: 10,
+                    len: 300_000,
+                },
                 Part::Bytes(Bytes::from_static(b">")),
-                Part::File { offset: 599_990, len: 10 },
+                Part::File {
+                    offset: 599_990,
+                    len: 10,
+                },
             ],
         );
         assert_eq!(http_body::Body::size_hint(&body).exact(), Some(300_012));

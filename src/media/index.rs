@@ -108,7 +108,11 @@ impl FjallIndex {
             .manual_journal_persist(true)
             .open()
             .map_err(eng)?;
-        let opts = || KeyspaceCreateOptions::default().max_memtable_size(8 << 20).manual_journal_persist(true);
+        let opts = || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(8 << 20)
+                .manual_journal_persist(true)
+        };
         Ok(FjallIndex {
             refs: db.keyspace("refs", opts).map_err(eng)?,
             blobs: db.keyspace("blobs", opts).map_err(eng)?,
@@ -121,18 +125,29 @@ impl FjallIndex {
 
 impl MediaIndex for FjallIndex {
     fn get_ref(&self, id: &str) -> Result<Option<RefRecord>> {
-        self.refs.get(id).map_err(eng)?.map(|v| from_json(&v)).transpose()
+        self.refs
+            .get(id)
+            .map_err(eng)?
+            .map(|v| from_json(&v))
+            .transpose()
     }
 
     fn get_blob(&self, sha256: &str) -> Result<Option<BlobRecord>> {
-        self.blobs.get(sha256).map_err(eng)?.map(|v| from_json(&v)).transpose()
+        self.blobs
+            .get(sha256)
+            .map_err(eng)?
+            .map(|v| from_json(&v))
+            .transpose()
     }
 
     fn usage(&self, account: &str) -> Result<u64> {
         match self.usage.get(account).map_err(eng)? {
             None => Ok(0),
             Some(v) => {
-                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("usage".into()))?;
+                let b: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("usage".into()))?;
                 Ok(u64::from_be_bytes(b))
             }
         }
@@ -266,7 +281,12 @@ mod tests {
             size: 3,
             uploaded_ms: ms,
         };
-        let blob = BlobRecord { tier: Tier::Fast, size: 3, refs: 2, created_ms: 1 };
+        let blob = BlobRecord {
+            tier: Tier::Fast,
+            size: 3,
+            refs: 2,
+            created_ms: 1,
+        };
         ix.apply(&[
             Op::PutRef("x".into(), r(10)),
             Op::PutRef("y".into(), r(20)),
@@ -277,9 +297,19 @@ mod tests {
         assert_eq!(ix.get_ref("x").unwrap(), Some(r(10)));
         assert_eq!(ix.get_blob("ab").unwrap(), Some(blob));
         assert_eq!(ix.usage("1555").unwrap(), 6);
-        let old: Vec<_> = ix.uploaded_before(15, 10).unwrap().into_iter().map(|(id, _)| id).collect();
+        let old: Vec<_> = ix
+            .uploaded_before(15, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(old, vec!["x".to_string()]);
-        ix.apply(&[Op::DelRef("x".into(), 10), Op::SetUsage("1555".into(), 0), Op::DelBlob("ab".into())]).unwrap();
+        ix.apply(&[
+            Op::DelRef("x".into(), 10),
+            Op::SetUsage("1555".into(), 0),
+            Op::DelBlob("ab".into()),
+        ])
+        .unwrap();
         assert_eq!(ix.get_ref("x").unwrap(), None);
         assert_eq!(ix.usage("1555").unwrap(), 0);
         assert_eq!(ix.uploaded_before(u64::MAX, 10).unwrap().len(), 1);

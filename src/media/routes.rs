@@ -29,14 +29,22 @@ use super::{Media, MediaConfig};
 /// The media routes, for [`crate::http::merge`].
 pub fn routes(media: Arc<Media>) -> Router {
     Router::new()
-        .route("/media/{id}/{name}", get(download).put(upload).delete(remove))
+        .route(
+            "/media/{id}/{name}",
+            get(download).put(upload).delete(remove),
+        )
         .with_state(media)
 }
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     let mut m = msg.into();
     m.push('\n');
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], m).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        m,
+    )
+        .into_response()
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -44,16 +52,27 @@ fn internal(e: impl std::fmt::Display) -> Response {
     err(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
 }
 
-fn verify(m: &Media, id: &str, name: &str, uri: &Uri, allow_expired: bool) -> Result<Slot, Response> {
+/// A refusal: status and message.
+struct Refuse(StatusCode, String);
+
+impl IntoResponse for Refuse {
+    fn into_response(self) -> Response {
+        err(self.0, self.1)
+    }
+}
+
+fn verify(m: &Media, id: &str, name: &str, uri: &Uri, allow_expired: bool) -> Result<Slot, Refuse> {
     let now = super::now_ms() / 1000;
-    match slot::verify(&m.key, id, name, uri.query().unwrap_or(""), now) {
+    let q = uri.query().unwrap_or("");
+    let forbid = |m: &str| Refuse(StatusCode::FORBIDDEN, m.to_string());
+    match slot::verify(&m.key, id, name, q, now) {
         Ok(s) => Ok(s),
         Err(VerifyError::Expired) if allow_expired => {
-            slot::verify(&m.key, id, name, uri.query().unwrap_or(""), 0).map_err(|_| err(StatusCode::FORBIDDEN, "invalid signature"))
+            slot::verify(&m.key, id, name, q, 0).map_err(|_| forbid("invalid signature"))
         }
-        Err(VerifyError::Expired) => Err(err(StatusCode::FORBIDDEN, "this upload slot has expired; request a new one")),
-        Err(VerifyError::BadSignature) => Err(err(StatusCode::FORBIDDEN, "invalid signature")),
-        Err(VerifyError::Malformed(w)) => Err(err(StatusCode::FORBIDDEN, format!("not a valid upload URL: {w}"))),
+        Err(VerifyError::Expired) => Err(forbid("this upload slot has expired; request a new one")),
+        Err(VerifyError::BadSignature) => Err(forbid("invalid signature")),
+        Err(VerifyError::Malformed(w)) => Err(forbid(&format!("not a valid upload URL: {w}"))),
     }
 }
 
@@ -90,14 +109,16 @@ impl Reader {
     }
 
     /// The next data chunk, `None` at the end of the body.
-    async fn next(&mut self, body: &mut Body) -> Result<Option<Bytes>, Response> {
+    async fn next(&mut self, body: &mut Body) -> Result<Option<Bytes>, Refuse> {
         loop {
             let mut wait = self.idle;
             let mut by_rate = false;
             if self.min_rate > 0 {
                 // The moment the average rate would fall below the minimum
                 // if nothing more arrives.
-                let due = self.start + self.grace + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
+                let due = self.start
+                    + self.grace
+                    + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
                 let left = due.saturating_duration_since(Instant::now());
                 if left < wait {
                     wait = left;
@@ -106,38 +127,57 @@ impl Reader {
             }
             let frame = match tokio::time::timeout(wait, body.frame()).await {
                 Err(_) if by_rate => {
-                    return Err(err(
+                    return Err(Refuse(
                         StatusCode::REQUEST_TIMEOUT,
-                        format!("upload too slow: less than {} bytes per second", self.min_rate),
+                        format!(
+                            "upload too slow: less than {} bytes per second",
+                            self.min_rate
+                        ),
                     ));
                 }
                 Err(_) => {
-                    return Err(err(
+                    return Err(Refuse(
                         StatusCode::REQUEST_TIMEOUT,
-                        format!("upload stalled: no data for {} seconds", self.idle.as_secs()),
+                        format!(
+                            "upload stalled: no data for {} seconds",
+                            self.idle.as_secs()
+                        ),
                     ));
                 }
                 Ok(None) => return Ok(None),
-                Ok(Some(Err(_))) => return Err(err(StatusCode::BAD_REQUEST, "upload interrupted")),
+                Ok(Some(Err(_))) => {
+                    return Err(Refuse(StatusCode::BAD_REQUEST, "upload interrupted".into()));
+                }
                 Ok(Some(Ok(f))) => f,
             };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             if data.is_empty() {
                 continue;
             }
             self.received += data.len() as u64;
             if self.received > self.limit {
-                return Err(err(StatusCode::PAYLOAD_TOO_LARGE, "body longer than the slot size"));
+                return Err(Refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body longer than the slot size".into(),
+                ));
             }
             return Ok(Some(data));
         }
     }
 }
 
-async fn upload(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, String)>, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+async fn upload(
+    State(m): State<Arc<Media>>,
+    Path((id, name)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let slot = match verify(&m, &id, &name, &uri, false) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Some(cl) = headers.get(header::CONTENT_LENGTH) else {
         return err(StatusCode::LENGTH_REQUIRED, "Content-Length is required");
@@ -148,29 +188,51 @@ async fn upload(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, Str
     if cl > slot.size || cl > m.cfg.max_file_bytes {
         return err(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Content-Length {cl} exceeds the slot's size of {} bytes", slot.size),
+            format!(
+                "Content-Length {cl} exceeds the slot's size of {} bytes",
+                slot.size
+            ),
         );
     }
     if cl < slot.size {
-        return err(StatusCode::BAD_REQUEST, format!("Content-Length {cl} does not match the slot's size of {} bytes", slot.size));
+        return err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Content-Length {cl} does not match the slot's size of {} bytes",
+                slot.size
+            ),
+        );
     }
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let declared = ct.to_str().ok().and_then(sniff::essence);
         if declared.as_deref() != Some(slot.content_type.as_str()) {
             return err(
                 StatusCode::BAD_REQUEST,
-                format!("Content-Type does not match the slot's {}", slot.content_type),
+                format!(
+                    "Content-Type does not match the slot's {}",
+                    slot.content_type
+                ),
             );
         }
     }
     match m.index.get_ref(&slot.id) {
-        Ok(Some(_)) => return err(StatusCode::CONFLICT, "this upload slot has already been used"),
+        Ok(Some(_)) => {
+            return err(
+                StatusCode::CONFLICT,
+                "this upload slot has already been used",
+            );
+        }
         Ok(None) => {}
         Err(e) => return internal(e),
     }
     match m.would_exceed_quota(&slot.account, slot.size) {
         Ok(false) => {}
-        Ok(true) => return err(StatusCode::PAYLOAD_TOO_LARGE, "media quota exceeded for this account"),
+        Ok(true) => {
+            return err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "media quota exceeded for this account",
+            );
+        }
         Err(e) => return internal(e),
     }
     let mut body = body;
@@ -189,7 +251,7 @@ async fn upload(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, Str
                 }
             }
             Ok(None) => break,
-            Err(r) => return r,
+            Err(r) => return r.into_response(),
         }
     }
     if let Err(why) = sniff::check(&slot.content_type, &head) {
@@ -220,7 +282,7 @@ async fn upload(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, Str
                 }
             }
             Ok(None) => break,
-            Err(r) => return r,
+            Err(r) => return r.into_response(),
         }
     }
     if reader.received != slot.size {
@@ -234,7 +296,11 @@ async fn upload(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, Str
         return internal(e);
     }
     drop(file);
-    let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let sha: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let m2 = m.clone();
     let res = tokio::task::spawn_blocking(move || {
         let r = m2.commit(&slot, tier, &sha, &temp.0);
@@ -251,8 +317,14 @@ async fn upload(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, Str
             }
             r
         }
-        Ok(Err(CommitError::AlreadyUsed)) => err(StatusCode::CONFLICT, "this upload slot has already been used"),
-        Ok(Err(CommitError::Quota)) => err(StatusCode::PAYLOAD_TOO_LARGE, "media quota exceeded for this account"),
+        Ok(Err(CommitError::AlreadyUsed)) => err(
+            StatusCode::CONFLICT,
+            "this upload slot has already been used",
+        ),
+        Ok(Err(CommitError::Quota)) => err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "media quota exceeded for this account",
+        ),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
@@ -260,10 +332,14 @@ async fn upload(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, Str
 
 /// `DELETE` with the slot's signed PUT URL: the uploader withdraws the
 /// file (its content goes once nothing else references it).
-async fn remove(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, String)>, uri: Uri) -> Response {
+async fn remove(
+    State(m): State<Arc<Media>>,
+    Path((id, name)): Path<(String, String)>,
+    uri: Uri,
+) -> Response {
     let slot = match verify(&m, &id, &name, &uri, true) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match m.index.get_ref(&slot.id) {
         Ok(Some(r)) if r.account == slot.account => {}
@@ -279,10 +355,16 @@ async fn remove(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, Str
 }
 
 fn etag_matches(list: &str, etag: &str) -> bool {
-    list.split(',').map(str::trim).any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
-async fn download(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, String)>, headers: HeaderMap) -> Response {
+async fn download(
+    State(m): State<Arc<Media>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
     if !slot::valid_id(&id) {
         return err(StatusCode::NOT_FOUND, "not found");
     }
@@ -293,8 +375,12 @@ async fn download(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, S
     };
     let etag = format!("\"{}\"", r.sha256);
     let mut h = HeaderMap::new();
-    let ct = HeaderValue::from_str(&r.content_type).unwrap_or(HeaderValue::from_static(sniff::OCTET_STREAM));
-    let disposition = if r.content_type.starts_with("image/") || r.content_type.starts_with("audio/") || r.content_type.starts_with("video/") {
+    let ct = HeaderValue::from_str(&r.content_type)
+        .unwrap_or(HeaderValue::from_static(sniff::OCTET_STREAM));
+    let disposition = if r.content_type.starts_with("image/")
+        || r.content_type.starts_with("audio/")
+        || r.content_type.starts_with("video/")
+    {
         "inline"
     } else {
         "attachment"
@@ -302,14 +388,28 @@ async fn download(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, S
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
-    if let Ok(v) = HeaderValue::from_str(&format!("{disposition}; filename*=UTF-8''{}", slot::escape(&r.filename))) {
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; sandbox"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{disposition}; filename*=UTF-8''{}",
+        slot::escape(&r.filename)
+    )) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
+    if let Some(inm) = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
         && etag_matches(inm, &etag)
     {
         return (StatusCode::NOT_MODIFIED, h).into_response();
@@ -339,20 +439,45 @@ async fn download(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, S
         RangeRequest::Full => {
             h.insert(header::CONTENT_TYPE, ct);
             set(&mut h, header::CONTENT_LENGTH, len.to_string());
-            (StatusCode::OK, h, Body::new(FileBody::new(file, vec![Part::File { offset: 0, len }]))).into_response()
+            (
+                StatusCode::OK,
+                h,
+                Body::new(FileBody::new(file, vec![Part::File { offset: 0, len }])),
+            )
+                .into_response()
         }
         RangeRequest::Unsatisfiable => {
             set(&mut h, header::CONTENT_RANGE, format!("bytes */{len}"));
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-            (StatusCode::RANGE_NOT_SATISFIABLE, h, "requested range not satisfiable\n").into_response()
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                h,
+                "requested range not satisfiable\n",
+            )
+                .into_response()
         }
         RangeRequest::Partial(rs) if rs.len() == 1 => {
             let (s, e) = rs[0];
             h.insert(header::CONTENT_TYPE, ct);
-            set(&mut h, header::CONTENT_RANGE, format!("bytes {s}-{e}/{len}"));
+            set(
+                &mut h,
+                header::CONTENT_RANGE,
+                format!("bytes {s}-{e}/{len}"),
+            );
             set(&mut h, header::CONTENT_LENGTH, (e - s + 1).to_string());
-            let parts = vec![Part::File { offset: s, len: e - s + 1 }];
-            (StatusCode::PARTIAL_CONTENT, h, Body::new(FileBody::new(file, parts))).into_response()
+            let parts = vec![Part::File {
+                offset: s,
+                len: e - s + 1,
+            }];
+            (
+                StatusCode::PARTIAL_CONTENT,
+                h,
+                Body::new(FileBody::new(file, parts)),
+            )
+                .into_response()
         }
         RangeRequest::Partial(rs) => {
             let boundary = slot::new_id();
@@ -360,17 +485,31 @@ async fn download(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, S
             let mut parts = Vec::with_capacity(rs.len() * 2 + 1);
             let mut total = 0u64;
             for (s, e) in rs {
-                let head = format!("\r\n--{boundary}\r\nContent-Type: {ctype}\r\nContent-Range: bytes {s}-{e}/{len}\r\n\r\n");
+                let head = format!(
+                    "\r\n--{boundary}\r\nContent-Type: {ctype}\r\nContent-Range: bytes {s}-{e}/{len}\r\n\r\n"
+                );
                 total += head.len() as u64 + (e - s + 1);
                 parts.push(Part::Bytes(Bytes::from(head)));
-                parts.push(Part::File { offset: s, len: e - s + 1 });
+                parts.push(Part::File {
+                    offset: s,
+                    len: e - s + 1,
+                });
             }
             let tail = format!("\r\n--{boundary}--\r\n");
             total += tail.len() as u64;
             parts.push(Part::Bytes(Bytes::from(tail)));
-            set(&mut h, header::CONTENT_TYPE, format!("multipart/byteranges; boundary={boundary}"));
+            set(
+                &mut h,
+                header::CONTENT_TYPE,
+                format!("multipart/byteranges; boundary={boundary}"),
+            );
             set(&mut h, header::CONTENT_LENGTH, total.to_string());
-            (StatusCode::PARTIAL_CONTENT, h, Body::new(FileBody::new(file, parts))).into_response()
+            (
+                StatusCode::PARTIAL_CONTENT,
+                h,
+                Body::new(FileBody::new(file, parts)),
+            )
+                .into_response()
         }
     }
 }

@@ -56,9 +56,16 @@ impl Media {
     pub fn open(cfg: &Config) -> anyhow::Result<Arc<Media>> {
         let m = &cfg.media;
         let dir = cfg.data_dir.join("media").join("index");
-        let index = FjallIndex::open(&dir).with_context(|| format!("opening media index in {}", dir.display()))?;
+        let index = FjallIndex::open(&dir)
+            .with_context(|| format!("opening media index in {}", dir.display()))?;
         let key = super::load_secret(m, &cfg.data_dir)?;
-        let media = Media::new(m.clone(), m.fast_dir(&cfg.data_dir), m.bulk_dir(&cfg.data_dir), Arc::new(index), key)?;
+        let media = Media::new(
+            m.clone(),
+            m.fast_dir(&cfg.data_dir),
+            m.bulk_dir(&cfg.data_dir),
+            Arc::new(index),
+            key,
+        )?;
         tracing::info!(fast = %media.fast.display(), bulk = %media.bulk.display(), "media tiers");
         Ok(Arc::new(media))
     }
@@ -67,7 +74,13 @@ impl Media {
     ///
     /// # Errors
     /// The directories cannot be created.
-    pub fn new(cfg: MediaConfig, fast: PathBuf, bulk: PathBuf, index: Arc<dyn MediaIndex>, key: Vec<u8>) -> anyhow::Result<Media> {
+    pub fn new(
+        cfg: MediaConfig,
+        fast: PathBuf,
+        bulk: PathBuf,
+        index: Arc<dyn MediaIndex>,
+        key: Vec<u8>,
+    ) -> anyhow::Result<Media> {
         for d in [&fast, &bulk] {
             let tmp = d.join("tmp");
             std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -106,7 +119,9 @@ impl Media {
     /// A fresh temporary file name in the tier (same file system as the
     /// blobs, so the final rename is atomic).
     pub fn temp_path(&self, tier: Tier) -> PathBuf {
-        self.dir(tier).join("tmp").join(format!("{}.part", super::slot::new_id()))
+        self.dir(tier)
+            .join("tmp")
+            .join(format!("{}.part", super::slot::new_id()))
     }
 
     fn guard(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
@@ -126,8 +141,12 @@ impl Media {
     /// # Errors
     /// Index read failure.
     pub fn locate(&self, id: &str) -> Result<Option<(RefRecord, PathBuf)>, StoreError> {
-        let Some(r) = self.index.get_ref(id)? else { return Ok(None) };
-        let Some(b) = self.index.get_blob(&r.sha256)? else { return Ok(None) };
+        let Some(r) = self.index.get_ref(id)? else {
+            return Ok(None);
+        };
+        let Some(b) = self.index.get_blob(&r.sha256)? else {
+            return Ok(None);
+        };
         let p = self.blob_path(b.tier, &r.sha256);
         Ok(Some((r, p)))
     }
@@ -140,7 +159,13 @@ impl Media {
     /// # Errors
     /// The slot was used already, the quota is exhausted, IO or index
     /// failure.
-    pub fn commit(&self, slot: &Slot, tier: Tier, sha256: &str, temp: &Path) -> Result<Committed, CommitError> {
+    pub fn commit(
+        &self,
+        slot: &Slot,
+        tier: Tier,
+        sha256: &str,
+        temp: &Path,
+    ) -> Result<Committed, CommitError> {
         let _g = self.guard()?;
         if self.index.get_ref(&slot.id)?.is_some() {
             return Err(CommitError::AlreadyUsed);
@@ -205,7 +230,9 @@ impl Media {
         let mut usage: HashMap<String, u64> = HashMap::new();
         let mut n = 0;
         for id in ids {
-            let Some(r) = self.index.get_ref(id)? else { continue };
+            let Some(r) = self.index.get_ref(id)? else {
+                continue;
+            };
             n += 1;
             ops.push(Op::DelRef(id.clone(), r.uploaded_ms));
             if !blobs.contains_key(&r.sha256) {
@@ -259,7 +286,12 @@ impl Media {
     pub fn expire(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
         let mut total = 0;
         loop {
-            let batch: Vec<String> = self.index.uploaded_before(cutoff_ms, 500)?.into_iter().map(|(id, _)| id).collect();
+            let batch: Vec<String> = self
+                .index
+                .uploaded_before(cutoff_ms, 500)?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
             if batch.is_empty() {
                 return Ok(total);
             }
@@ -280,13 +312,21 @@ mod tests {
     use super::*;
 
     fn media(quota: u64) -> (Media, PathBuf) {
-        let root = std::env::temp_dir().join(format!("chatd-media-store-{}-{quota}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("chatd-media-store-{}-{quota}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let cfg = MediaConfig {
             quota_bytes: quota,
             ..Default::default()
         };
-        let m = Media::new(cfg, root.join("fast"), root.join("bulk"), Arc::new(MemoryIndex::default()), b"k".repeat(16)).unwrap();
+        let m = Media::new(
+            cfg,
+            root.join("fast"),
+            root.join("bulk"),
+            Arc::new(MemoryIndex::default()),
+            b"k".repeat(16),
+        )
+        .unwrap();
         (m, root)
     }
 
@@ -313,14 +353,27 @@ mod tests {
         let h = "ab".repeat(32);
         let t1 = temp(&m, Tier::Fast, b"abc");
         let c = m.commit(&slot("one", 3), Tier::Fast, &h, &t1).unwrap();
-        assert_eq!(c, Committed { tier: Tier::Fast, deduplicated: false });
+        assert_eq!(
+            c,
+            Committed {
+                tier: Tier::Fast,
+                deduplicated: false
+            }
+        );
         let path = m.blob_path(Tier::Fast, &h);
         assert!(path.is_file());
         assert!(path.starts_with(root.join("fast").join("ab").join("ab")));
         let t2 = temp(&m, Tier::Fast, b"abc");
-        assert!(m.commit(&slot("two", 3), Tier::Fast, &h, &t2).unwrap().deduplicated);
+        assert!(
+            m.commit(&slot("two", 3), Tier::Fast, &h, &t2)
+                .unwrap()
+                .deduplicated
+        );
         assert!(t2.exists(), "the caller removes an unused temporary file");
-        assert!(matches!(m.commit(&slot("two", 3), Tier::Fast, &h, &t2), Err(CommitError::AlreadyUsed)));
+        assert!(matches!(
+            m.commit(&slot("two", 3), Tier::Fast, &h, &t2),
+            Err(CommitError::AlreadyUsed)
+        ));
         assert_eq!(m.index.get_blob(&h).unwrap().unwrap().refs, 2);
         assert_eq!(m.index.usage("1555").unwrap(), 6);
         assert_eq!(m.release(&["one".into()]).unwrap(), 1);
@@ -336,10 +389,14 @@ mod tests {
     fn quota_and_expiry() {
         let (m, root) = media(5);
         let t = temp(&m, Tier::Bulk, b"abc");
-        m.commit(&slot("one", 3), Tier::Bulk, &"cd".repeat(32), &t).unwrap();
+        m.commit(&slot("one", 3), Tier::Bulk, &"cd".repeat(32), &t)
+            .unwrap();
         assert!(m.would_exceed_quota("1555", 3).unwrap());
         let t = temp(&m, Tier::Bulk, b"xyz");
-        assert!(matches!(m.commit(&slot("two", 3), Tier::Bulk, &"ef".repeat(32), &t), Err(CommitError::Quota)));
+        assert!(matches!(
+            m.commit(&slot("two", 3), Tier::Bulk, &"ef".repeat(32), &t),
+            Err(CommitError::Quota)
+        ));
         assert_eq!(m.expire(1).unwrap(), 0);
         assert_eq!(m.expire(u64::MAX).unwrap(), 1);
         assert!(!m.blob_path(Tier::Bulk, &"cd".repeat(32)).exists());

@@ -16,7 +16,9 @@ const DATA_FORMS: &str = "jabber:x:data";
 /// Adds the upload service to the server's disco#info, when slots are
 /// issued on this node.
 pub fn disco_info(s: &Session, query: &mut Element) {
-    let Some(issuer) = s.srv.media.get() else { return };
+    let Some(issuer) = s.srv.media.get() else {
+        return;
+    };
     query.push(
         Element::stanza("identity")
             .with_attr("category", "store")
@@ -24,7 +26,11 @@ pub fn disco_info(s: &Session, query: &mut Element) {
             .with_attr("name", "HTTP File Upload"),
     );
     query.push(Element::stanza("feature").with_attr("var", NS));
-    let field = |var: &str, value: String| Element::stanza("field").with_attr("var", var).with_child(Element::stanza("value").with_text(value));
+    let field = |var: &str, value: String| {
+        Element::stanza("field")
+            .with_attr("var", var)
+            .with_child(Element::stanza("value").with_text(value))
+    };
     let form = Element::new("x", DATA_FORMS)
         .with_attr("type", "result")
         .with_child(field("FORM_TYPE", NS.to_string()).with_attr("type", "hidden"))
@@ -54,7 +60,8 @@ pub fn handle(s: &mut Session, iq: &Element, req: &Element) {
             let mut e = error_reply(iq, StanzaError::NotAcceptable, Some("file too large"));
             if let Some(err) = e.child_mut("error", ns::CLIENT) {
                 err.push(
-                    Element::new("file-too-large", NS).with_child(Element::stanza("max-file-size").with_text(max.to_string())),
+                    Element::new("file-too-large", NS)
+                        .with_child(Element::stanza("max-file-size").with_text(max.to_string())),
                 );
             }
             e.set_attr("to", s.jid.to_string());
@@ -65,8 +72,17 @@ pub fn handle(s: &mut Session, iq: &Element, req: &Element) {
             return;
         }
         Err(Refusal::BadRequest(why)) => return send_error(s, iq, StanzaError::BadRequest, why),
-        Err(Refusal::Quota) => return send_error(s, iq, StanzaError::ResourceConstraint, "media quota exhausted"),
-        Err(Refusal::Internal) => return send_error(s, iq, StanzaError::InternalServerError, "storage failure"),
+        Err(Refusal::Quota) => {
+            return send_error(
+                s,
+                iq,
+                StanzaError::ResourceConstraint,
+                "media quota exhausted",
+            );
+        }
+        Err(Refusal::Internal) => {
+            return send_error(s, iq, StanzaError::InternalServerError, "storage failure");
+        }
     };
     let mut r = iq_result(iq);
     r.set_attr("to", s.jid.to_string());
