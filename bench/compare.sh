@@ -88,7 +88,7 @@ OFFLINE_USERS=$(printf '%s\n' "${RUN_ARGS[@]}" | grep -A1 -x -- --offline-users 
 [[ "$MODE" == smoke ]] && OFFLINE_USERS=3
 ACCOUNTS=$((SESSIONS + OFFLINE_USERS))
 
-QUIET_WAIT="${BENCH_QUIET_WAIT:-300}"   # seconds to wait for other load to end
+QUIET_WAIT="${QUIET_WAIT:-${BENCH_QUIET_WAIT:-300}}"   # seconds to wait for other load to end
 QUIET_BUSY="${BENCH_QUIET_BUSY:-25}"    # machine busy % (of all cores) counted as quiet
 
 log() { printf '[compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

@@ -9,7 +9,6 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use quick_xml::events::{BytesStart, Event};
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
@@ -33,7 +32,7 @@ pub struct Session {
     pub idx: usize,
     /// Bare JID, `localpart@domain`.
     pub jid: String,
-    buf: Mutex<Vec<u8>>,
+    out: Mutex<Out>,
     wake: Notify,
     closing: AtomicBool,
     pub alive: AtomicBool,
@@ -59,7 +58,11 @@ impl Session {
         Arc::new(Session {
             idx,
             jid,
-            buf: Mutex::new(Vec::with_capacity(512)),
+            out: Mutex::new(Out {
+                buf: Vec::with_capacity(256),
+                writing: false,
+                socket: None,
+            }),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             alive: AtomicBool::new(true),
@@ -86,15 +89,32 @@ impl Session {
         self.with_buf(stanzas, |b| b.extend_from_slice(data));
     }
 
-    /// Appends to the output buffer through `f` and wakes the writer.
+    /// Appends to the output through `f`. When nothing is queued and the
+    /// writer task is idle, the bytes go straight to the socket from the
+    /// calling thread; what the socket does not take is left to the writer.
     pub fn with_buf(&self, stanzas: u64, f: impl FnOnce(&mut Vec<u8>)) {
-        {
-            let mut b = self.buf.lock().expect("outbox lock");
-            f(&mut b);
-            if stanzas > 0 {
-                self.out_count.fetch_add(stanzas, Relaxed);
+        let mut o = self.out.lock().expect("outbox lock");
+        let was_empty = o.buf.is_empty();
+        f(&mut o.buf);
+        if stanzas > 0 {
+            self.out_count.fetch_add(stanzas, Relaxed);
+        }
+        if was_empty && !o.writing {
+            let Out { buf, socket, .. } = &mut *o;
+            if let Some(w) = socket {
+                match w.try_write(buf) {
+                    Ok(n) if n == buf.len() => {
+                        buf.clear();
+                        return;
+                    }
+                    Ok(n) => {
+                        buf.drain(..n);
+                    }
+                    Err(_) => {}
+                }
             }
         }
+        drop(o);
         self.wake.notify_one();
     }
 
@@ -199,6 +219,7 @@ impl Session {
         }
         tail.push_str("</stream:stream>");
         self.send_raw(tail.as_bytes(), 0);
+        self.wake.notify_one();
     }
 
     fn mark_dead(&self, why: String) {
@@ -209,6 +230,17 @@ impl Session {
     }
 }
 
+/// Output state of a session, under one lock.
+struct Out {
+    /// Bytes not yet handed to the socket.
+    buf: Vec<u8>,
+    /// The writer task holds bytes taken from `buf`: others must queue.
+    writing: bool,
+    /// Shared with the writer task; dropped (shutting the socket down for
+    /// writing) when the stream is closed.
+    socket: Option<Arc<OwnedWriteHalf>>,
+}
+
 /// Starts the reader and writer tasks of a logged-in session.
 pub fn spawn(
     session: Arc<Session>,
@@ -216,34 +248,58 @@ pub fn spawn(
     writer: OwnedWriteHalf,
     metrics: Arc<Metrics>,
 ) {
+    let w = Arc::new(writer);
+    session.out.lock().expect("outbox lock").socket = Some(w.clone());
     let s = session.clone();
-    tokio::spawn(async move { write_loop(s, writer).await });
+    tokio::spawn(async move { write_loop(s, w).await });
     tokio::spawn(async move { read_loop(session, reader, metrics).await });
 }
 
-async fn write_loop(s: Arc<Session>, mut w: OwnedWriteHalf) {
-    let mut local: Vec<u8> = Vec::with_capacity(4096);
+async fn write_all(w: &OwnedWriteHalf, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match w.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => w.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn write_loop(s: Arc<Session>, w: Arc<OwnedWriteHalf>) {
+    let mut local: Vec<u8> = Vec::new();
     loop {
         s.wake.notified().await;
-        {
-            let mut b = s.buf.lock().expect("outbox lock");
-            std::mem::swap(&mut *b, &mut local);
-        }
-        if !local.is_empty() {
-            if let Err(e) = w.write_all(&local).await {
+        loop {
+            {
+                let mut o = s.out.lock().expect("outbox lock");
+                if o.buf.is_empty() {
+                    o.writing = false;
+                    break;
+                }
+                std::mem::swap(&mut o.buf, &mut local);
+                o.writing = true;
+            }
+            if let Err(e) = write_all(&w, &local).await {
+                s.out.lock().expect("outbox lock").socket = None;
                 s.mark_dead(format!("write: {e}"));
                 return;
             }
             local.clear();
             if local.capacity() > 1 << 20 {
-                local.shrink_to(4096);
+                local = Vec::new();
             }
         }
-        if s.closing.load(Relaxed) && s.buf.lock().expect("outbox lock").is_empty() {
-            let _ = w.shutdown().await;
-            return;
+        if s.closing.load(Relaxed) {
+            let mut o = s.out.lock().expect("outbox lock");
+            if o.buf.is_empty() {
+                // Dropping the last handle shuts the socket down for writing.
+                o.socket = None;
+                return;
+            }
         }
         if !s.is_alive() {
+            s.out.lock().expect("outbox lock").socket = None;
             return;
         }
     }
