@@ -98,6 +98,7 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                 .and_then(|_| stores.offline.clear(&local))
                 .and_then(|_| stores.roster.clear_roster(&local))
                 .and_then(|_| stores.settings.clear_settings(&local));
+            crate::modules::groups::forget_account(stores, &local);
             if let Some(srv) = srv {
                 srv.registry.with(&local, |e| e.queued = Some(0));
             }

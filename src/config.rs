@@ -30,6 +30,25 @@ pub struct Config {
     pub profile: Profile,
     pub registration: Registration,
     pub sms: crate::api::sms::SmsConfig,
+    pub groups: Groups,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Groups {
+    /// Service domain for groups; empty means `groups.<domain>`.
+    pub service: String,
+    /// Members per group, the creator included.
+    pub max_members: usize,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups {
+            service: String::new(),
+            max_members: 1024,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -188,6 +207,7 @@ impl Default for Config {
             profile: Profile::default(),
             registration: Registration::default(),
             sms: Default::default(),
+            groups: Groups::default(),
         }
     }
 }

@@ -72,6 +72,15 @@ pub trait Router: Send + Sync {
 
     /// Whether the account exists.
     fn account_exists(&self, local: &str) -> bool;
+
+    /// Delivers one message to many accounts (group fan-out) with one
+    /// batched durable write. `build(local, seq)` renders the stanza for
+    /// each recipient. Returns the ticket and the recipients whose queue
+    /// was full (they do not get it).
+    ///
+    /// # Errors
+    /// `internal-server-error` when the store fails.
+    fn fanout(&self, recipients: &[String], build: &dyn Fn(&str, u64) -> String) -> Result<(Ticket, Vec<String>), StanzaError>;
 }
 
 /// Single-node router over the local registry and store.
@@ -249,6 +258,47 @@ impl Router for LocalRouter {
                 Vec::new()
             }
         }
+    }
+
+    fn fanout(&self, recipients: &[String], build: &dyn Fn(&str, u64) -> String) -> Result<(Ticket, Vec<String>), StanzaError> {
+        let mut g = self.registry.lock_many(recipients);
+        let now = crate::accounts::now_ms();
+        let mut items: Vec<(&str, u64, StoredMessage)> = Vec::with_capacity(recipients.len());
+        let mut full = Vec::new();
+        for r in recipients {
+            let Some(e) = g.entry(r) else { continue };
+            let queued = match e.queued {
+                Some(n) => n,
+                None => self.offline.count(r).map_err(|_| StanzaError::InternalServerError)?,
+            };
+            e.queued = Some(queued);
+            if queued >= self.max_queue {
+                full.push(r.clone());
+                continue;
+            }
+            let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+            items.push((r.as_str(), seq, StoredMessage { ts_ms: now, xml: build(r, seq) }));
+        }
+        if items.is_empty() {
+            return Ok((0, full));
+        }
+        let refs: Vec<(&str, u64, &StoredMessage)> = items.iter().map(|(l, s, m)| (*l, *s, m)).collect();
+        let ticket = self.offline.push(&refs).map_err(|_| StanzaError::InternalServerError)?;
+        for (local, seq, m) in items {
+            let Some(e) = g.entry(local) else { continue };
+            e.queued = Some(e.queued.unwrap_or(0) + 1);
+            let xml: Arc<str> = m.xml.into();
+            let mut slow = Vec::new();
+            for s in e.sessions.iter().filter(|s| s.available && s.priority >= 0) {
+                if let Err(TrySendError::Full(_)) = s.tx.try_send(Outbound::Stored { seq, xml: xml.clone() }) {
+                    slow.push(s.id);
+                }
+            }
+            if !slow.is_empty() {
+                e.sessions.retain(|s| !slow.contains(&s.id));
+            }
+        }
+        Ok((ticket, full))
     }
 
     fn account_exists(&self, local: &str) -> bool {

@@ -105,9 +105,27 @@ impl Default for SessionRegistry {
     }
 }
 
+/// Several shards locked at once; see [`SessionRegistry::lock_many`].
+pub struct ManyLocked<'a> {
+    reg: &'a SessionRegistry,
+    guards: Vec<(usize, std::sync::MutexGuard<'a, HashMap<String, AccountEntry>>)>,
+}
+
+impl ManyLocked<'_> {
+    /// The entry of `local`, which must be one of the locked accounts.
+    pub fn entry(&mut self, local: &str) -> Option<&mut AccountEntry> {
+        let i = self.reg.shard_index(local);
+        let (_, g) = self.guards.iter_mut().find(|(j, _)| *j == i)?;
+        if !g.contains_key(local) {
+            g.insert(local.to_string(), AccountEntry::default());
+        }
+        g.get_mut(local)
+    }
+}
+
 impl SessionRegistry {
     fn shard(&self, local: &str) -> &Mutex<HashMap<String, AccountEntry>> {
-        &self.shards[(self.hasher.hash_one(local) as usize) % SHARDS]
+        &self.shards[self.shard_index(local)]
     }
 
     /// Runs `f` on the account's entry (created if missing) under its lock.
@@ -182,6 +200,30 @@ impl SessionRegistry {
                 Err(_) => 0,
             })
             .sum()
+    }
+
+    /// Locks the shards holding `locals`, in ascending shard order (the
+    /// only place that holds several shard locks, so no deadlock), for a
+    /// batched delivery to many accounts.
+    pub fn lock_many(&self, locals: &[String]) -> ManyLocked<'_> {
+        let mut idx: Vec<usize> = locals.iter().map(|l| self.shard_index(l)).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let guards = idx
+            .into_iter()
+            .map(|i| {
+                let g = match self.shards[i].lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                (i, g)
+            })
+            .collect();
+        ManyLocked { reg: self, guards }
+    }
+
+    fn shard_index(&self, local: &str) -> usize {
+        (self.hasher.hash_one(local) as usize) % SHARDS
     }
 
     /// Forgets cached queue lengths (after expiry deleted messages).

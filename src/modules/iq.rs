@@ -14,6 +14,12 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
         return;
     }
     let domain = s.domain().to_string();
+    if let Some(j) = &to
+        && super::groups::is_group_domain(&s.srv, &j.domain)
+    {
+        super::groups::handle_iq(s, &iq, j);
+        return;
+    }
     let for_server = match &to {
         None => true,
         Some(j) => j.domain == domain && (j.local.is_none() || (j.local.as_deref() == Some(&s.local) && j.resource.is_none())),

@@ -44,6 +44,10 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
         s.reply_error(&m, StanzaError::ServiceUnavailable);
         return;
     };
+    if super::groups::is_group_domain(&s.srv, &to.domain) {
+        super::groups::handle_message(s, m, &to);
+        return;
+    }
     if to.domain != s.domain() {
         s.reply_error(&m, StanzaError::RemoteServerNotFound);
         return;

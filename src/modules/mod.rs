@@ -9,6 +9,7 @@ pub mod carbons;
 pub mod csi;
 pub mod disco;
 pub mod discovery;
+pub mod groups;
 pub mod iq;
 pub mod message;
 pub mod offline;

@@ -19,6 +19,9 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
     let typ = p.attr("type").map(str::to_string);
     match (typ.as_deref(), to) {
         (None | Some("unavailable"), None) => broadcast(s, p, typ.is_none()),
+        (None | Some("unavailable"), Some(to)) if super::groups::is_group_domain(&s.srv, &to.domain) => {
+            super::groups::handle_presence(s, p, &to);
+        }
         (None | Some("unavailable") | Some("error"), Some(to)) => {
             let blocked = to
                 .local

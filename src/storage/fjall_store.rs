@@ -22,8 +22,8 @@ use tokio::sync::watch;
 
 use super::codec::{self, decode_message, encode_message, offline_key, owner_prefix, roster_key};
 use super::{
-    Durability, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError, StoredMessage, Ticket,
-    UserRecord, UserStore,
+    Durability, Group, GroupStore, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError,
+    StoredMessage, Ticket, UserRecord, UserStore,
 };
 
 fn eng(e: fjall::Error) -> StoreError {
@@ -47,6 +47,8 @@ pub struct FjallStore {
     offline: Keyspace,
     roster: Keyspace,
     settings: Keyspace,
+    groups: Keyspace,
+    group_index: Keyspace,
     meta: Keyspace,
     sync: Arc<SyncState>,
     committed: watch::Receiver<Ticket>,
@@ -78,6 +80,8 @@ impl FjallStore {
         let roster = db.keyspace("roster", opts).map_err(eng)?;
         let meta = db.keyspace("meta", opts).map_err(eng)?;
         let settings = db.keyspace("settings", opts).map_err(eng)?;
+        let groups = db.keyspace("groups", opts).map_err(eng)?;
+        let group_index = db.keyspace("group_index", opts).map_err(eng)?;
         let sync = Arc::new(SyncState {
             issued: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -99,6 +103,8 @@ impl FjallStore {
             offline,
             roster,
             settings,
+            groups,
+            group_index,
             meta,
             sync,
             committed,
@@ -334,6 +340,52 @@ impl RosterStore for FjallStore {
                 b.remove(&self.roster, k);
             }
         })
+    }
+}
+
+impl GroupStore for FjallStore {
+    fn get_group(&self, id: &str) -> Result<Option<Group>> {
+        match self.groups.get(id).map_err(eng)? {
+            Some(v) => Ok(Some(codec::from_json(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_group(&self, group: &Group, previous: Option<&Group>) -> Result<Ticket> {
+        let v = codec::json(group);
+        self.write(|b| {
+            b.insert(&self.groups, group.id.as_str(), v);
+            if let Some(p) = previous {
+                for m in &p.members {
+                    if group.member(&m.local).is_none() {
+                        b.remove(&self.group_index, roster_key(&m.local, &group.id));
+                    }
+                }
+            }
+            for m in &group.members {
+                b.insert(&self.group_index, roster_key(&m.local, &group.id), b"");
+            }
+        })
+    }
+
+    fn delete_group(&self, group: &Group) -> Result<Ticket> {
+        self.write(|b| {
+            b.remove(&self.groups, group.id.as_str());
+            for m in &group.members {
+                b.remove(&self.group_index, roster_key(&m.local, &group.id));
+            }
+        })
+    }
+
+    fn groups_of(&self, local: &str) -> Result<Vec<String>> {
+        let p = owner_prefix(local);
+        self.group_index
+            .prefix(&p)
+            .map(|g| {
+                let k = g.key().map_err(eng)?;
+                String::from_utf8(k[p.len()..].to_vec()).map_err(|_| StoreError::Corrupt("group index".into()))
+            })
+            .collect()
     }
 }
 

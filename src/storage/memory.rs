@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::watch;
 
 use super::{
-    Durability, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError, StoredMessage, Ticket,
-    UserRecord, UserStore,
+    Durability, Group, GroupStore, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError,
+    StoredMessage, Ticket, UserRecord, UserStore,
 };
 
 pub struct MemoryStore {
@@ -18,6 +18,7 @@ pub struct MemoryStore {
     offline: Mutex<BTreeMap<(String, u64), StoredMessage>>,
     roster: Mutex<HashMap<String, BTreeMap<String, RosterItem>>>,
     settings: Mutex<HashMap<(String, String), Vec<u8>>>,
+    groups: Mutex<BTreeMap<String, Group>>,
     issued: AtomicU64,
     tx: watch::Sender<Ticket>,
 }
@@ -29,6 +30,7 @@ impl Default for MemoryStore {
             offline: Mutex::default(),
             roster: Mutex::default(),
             settings: Mutex::default(),
+            groups: Mutex::default(),
             issued: AtomicU64::new(0),
             tx: watch::channel(0).0,
         }
@@ -172,5 +174,29 @@ impl SettingsStore for MemoryStore {
     fn clear_settings(&self, owner: &str) -> Result<Ticket> {
         self.settings.lock().map_err(poisoned)?.retain(|(o, _), _| o != owner);
         Ok(self.ticket())
+    }
+}
+
+impl GroupStore for MemoryStore {
+    fn get_group(&self, id: &str) -> Result<Option<Group>> {
+        Ok(self.groups.lock().map_err(poisoned)?.get(id).cloned())
+    }
+    fn put_group(&self, group: &Group, _previous: Option<&Group>) -> Result<Ticket> {
+        self.groups.lock().map_err(poisoned)?.insert(group.id.clone(), group.clone());
+        Ok(self.ticket())
+    }
+    fn delete_group(&self, group: &Group) -> Result<Ticket> {
+        self.groups.lock().map_err(poisoned)?.remove(&group.id);
+        Ok(self.ticket())
+    }
+    fn groups_of(&self, local: &str) -> Result<Vec<String>> {
+        Ok(self
+            .groups
+            .lock()
+            .map_err(poisoned)?
+            .values()
+            .filter(|g| g.member(local).is_some())
+            .map(|g| g.id.clone())
+            .collect())
     }
 }

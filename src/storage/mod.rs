@@ -195,6 +195,52 @@ pub trait SettingsStore: Send + Sync {
     fn clear_settings(&self, owner: &str) -> Result<Ticket>;
 }
 
+/// A member's role in a group.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupRole {
+    Admin,
+    Member,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupMember {
+    pub local: String,
+    pub role: GroupRole,
+}
+
+/// A group: defined by its membership, not by who is online.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Group {
+    pub id: String,
+    pub subject: String,
+    #[serde(default)]
+    pub description: String,
+    pub created_ms: u64,
+    /// In join order; the creator first.
+    pub members: Vec<GroupMember>,
+}
+
+impl Group {
+    pub fn member(&self, local: &str) -> Option<&GroupMember> {
+        self.members.iter().find(|m| m.local == local)
+    }
+    pub fn is_admin(&self, local: &str) -> bool {
+        self.member(local).is_some_and(|m| m.role == GroupRole::Admin)
+    }
+}
+
+/// Groups and the member → groups index.
+pub trait GroupStore: Send + Sync {
+    fn get_group(&self, id: &str) -> Result<Option<Group>>;
+    /// Writes the group and updates the index for members added or
+    /// removed relative to `previous`.
+    fn put_group(&self, group: &Group, previous: Option<&Group>) -> Result<Ticket>;
+    fn delete_group(&self, group: &Group) -> Result<Ticket>;
+    /// Ids of the groups `local` belongs to.
+    fn groups_of(&self, local: &str) -> Result<Vec<String>>;
+}
+
 /// The durable-commit watermark shared by every store of one engine.
 pub trait Durability: Send + Sync {
     /// A receiver whose value is the highest durable ticket.
@@ -221,6 +267,7 @@ pub struct Stores {
     pub offline: Arc<dyn OfflineStore>,
     pub roster: Arc<dyn RosterStore>,
     pub settings: Arc<dyn SettingsStore>,
+    pub groups: Arc<dyn GroupStore>,
     pub durability: Arc<dyn Durability>,
 }
 
@@ -233,6 +280,7 @@ impl Stores {
             offline: m.clone(),
             roster: m.clone(),
             settings: m.clone(),
+            groups: m.clone(),
             durability: m,
         }
     }
@@ -248,6 +296,7 @@ impl Stores {
             offline: f.clone(),
             roster: f.clone(),
             settings: f.clone(),
+            groups: f.clone(),
             durability: f,
         })
     }
