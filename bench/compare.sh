@@ -84,8 +84,11 @@ case "$MODE" in
         QUIET_WAIT="${BENCH_QUIET_WAIT:-0}"
         ;;
 esac
-OFFLINE_USERS=$(printf '%s\n' "${RUN_ARGS[@]}" | grep -A1 -x -- --offline-users | tail -n1)
-[[ "$MODE" == smoke ]] && OFFLINE_USERS=3
+case "$MODE" in
+    full) OFFLINE_USERS=1000 ;;
+    quick) OFFLINE_USERS=50 ;;
+    smoke) OFFLINE_USERS=3 ;;
+esac
 ACCOUNTS=$((SESSIONS + OFFLINE_USERS))
 
 QUIET_WAIT="${QUIET_WAIT:-${BENCH_QUIET_WAIT:-300}}"   # seconds to wait for other load to end
@@ -367,7 +370,8 @@ run_bench() {  # server scenario phases
     local port; port=$(port_of "$1")
     "$BENCH" run --port "$port" --domain "$DOMAIN" --password "$PASSWORD" --server-pid "$SERVER_PID" \
         --server-name "$1" --scenario "$2" --phases "$3" --sessions "$SESSIONS" \
-        "${RUN_ARGS[@]}" "${EXTRA[@]}" --out "$OUT/$1-$2.json" || log "warning: $1 $2 scenario reported an error"
+        "${RUN_ARGS[@]}" "${EXTRA[@]}" --out "$OUT/$1-$2.json" ||
+        { log "warning: $1 $2 scenario reported an error"; FAILED=$((FAILED + 1)); }
 }
 
 mkdir -p "$OUT"
@@ -399,6 +403,7 @@ if [[ -n "$SERVE" ]]; then
 fi
 
 START=$(date +%s)
+FAILED=0
 IFS=',' read -r -a server_list <<<"$SERVERS"
 for srv in "${server_list[@]}"; do
     case "$srv" in chatd | ejabberd | prosody) ;; *) die "unknown server $srv" ;; esac
@@ -422,3 +427,7 @@ done
 
 "$BENCH" report --dir "$OUT" --servers "$SERVERS"
 log "all done in $(( $(date +%s) - START ))s; see $OUT/summary.md"
+if [[ "$FAILED" -gt 0 ]]; then
+    log "$FAILED scenario(s) reported errors (see the Errors section of summary.md)"
+    exit 1
+fi

@@ -229,9 +229,13 @@ struct RunArgs {
     /// Seconds to wait for all offline messages after the users log in.
     #[arg(long, default_value_t = 60)]
     offline_drain_timeout: u64,
-    /// A few sessions for a few seconds: for smoke tests.
+    /// A few sessions for a few seconds: for smoke tests (implies --strict).
     #[arg(long)]
     smoke: bool,
+    /// Exit with an error if a login failed, a session dropped or a message
+    /// was lost.
+    #[arg(long)]
+    strict: bool,
     /// Write the results here (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -335,6 +339,7 @@ async fn accounts_cmd(a: AccountsArgs) -> Result<()> {
 }
 
 fn apply_smoke(r: &mut RunArgs) {
+    r.strict = true;
     r.sessions = r.sessions.min(6);
     r.login_concurrency = r.login_concurrency.min(6);
     r.settle = r.settle.min(0.5);
@@ -410,6 +415,10 @@ async fn run_cmd(mut r: RunArgs, threads: usize, nofile: u64) -> Result<()> {
     run::close_all(&ctx.registry, Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut res = result.lock().expect("result").clone();
+    let outcome = match outcome {
+        Ok(()) if r.strict => strict_check(&res),
+        o => o,
+    };
     res.total_secs = start.elapsed().as_secs_f64();
     res.completed = outcome.is_ok();
     if let Err(e) = &outcome {
@@ -424,6 +433,39 @@ async fn run_cmd(mut r: RunArgs, threads: usize, nofile: u64) -> Result<()> {
         None => println!("{json}"),
     }
     outcome
+}
+
+/// Failures that `--strict` turns into an error exit.
+fn strict_check(res: &RunResult) -> Result<()> {
+    let mut bad = Vec::new();
+    if let Some(l) = &res.login
+        && l.failed > 0
+    {
+        bad.push(format!("{} logins failed", l.failed));
+    }
+    if let Some(st) = &res.steady {
+        for p in &st.steps {
+            if p.lost > 0 || p.errors > 0 || p.sessions_alive < res.sessions {
+                bad.push(format!(
+                    "at {:.0}/s: {} lost, {} error replies, {} of {} sessions alive",
+                    p.target_rate, p.lost, p.errors, p.sessions_alive, res.sessions
+                ));
+            }
+        }
+    }
+    if let Some(o) = &res.offline
+        && (o.lost > 0 || o.login_ok < o.users || o.confirmed_senders < o.senders)
+    {
+        bad.push(format!(
+            "offline: {} of {} received, {} of {} users logged in, {} of {} senders confirmed",
+            o.received, o.messages, o.login_ok, o.users, o.confirmed_senders, o.senders
+        ));
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        bail!("strict check failed: {}", bad.join("; "))
+    }
 }
 
 async fn phases(ctx: &Ctx, r: &RunArgs, result: &Mutex<RunResult>) -> Result<()> {

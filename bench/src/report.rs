@@ -338,6 +338,15 @@ fn load_font() -> Result<()> {
     ))
 }
 
+fn color_of_server(name: &str, i: usize) -> RGBColor {
+    match name {
+        "chatd" => RGBColor(31, 119, 180),
+        "ejabberd" => RGBColor(44, 160, 44),
+        "prosody" => RGBColor(255, 127, 14),
+        _ => color_of(i + 3),
+    }
+}
+
 fn color_of(i: usize) -> RGBColor {
     const C: [RGBColor; 6] = [
         RGBColor(31, 119, 180),
@@ -459,13 +468,13 @@ fn latency_panel(
         vec![(xmin, limit), (xmax, limit)],
         8,
         6,
-        RED.mix(0.7).stroke_width(2),
+        BLACK.mix(0.6).stroke_width(2),
     ))
     .map_err(|x| e(&x))?
     .label(format!("p99 limit {limit} ms"))
-    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.mix(0.7).stroke_width(2)));
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6).stroke_width(2)));
     for (i, (name, pts)) in series.iter().enumerate() {
-        let c = color_of(i);
+        let c = color_of_server(name, i);
         ch.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
             .map_err(|x| e(&x))?
             .label(name.clone())
@@ -503,6 +512,13 @@ fn bar_panel(
     ch.configure_mesh()
         .disable_x_mesh()
         .y_desc(ydesc)
+        .y_label_formatter(&|v| {
+            if ymax >= 10.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            }
+        })
         .x_labels(vals.len().max(1))
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => names.get(*i as usize).cloned().unwrap_or_default(),
@@ -510,8 +526,8 @@ fn bar_panel(
         })
         .draw()
         .map_err(|x| e(&x))?;
-    for (i, (_, v)) in vals.iter().enumerate() {
-        let c = color_of(i);
+    for (i, (name, v)) in vals.iter().enumerate() {
+        let c = color_of_server(name, i);
         let i = i as u32;
         let mut bar = Rectangle::new(
             [
