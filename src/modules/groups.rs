@@ -312,7 +312,7 @@ fn manage(s: &mut Session, iq: &Element, q: &Element, mut g: Group) {
         }
         if save(s, iq, &g, Some(&prev)) {
             reply(s, iq, None);
-            announce(&srv, &g, event("left", &me).with_attr("member", me.as_str()), &[s.local.clone()]);
+            announce(&srv, &g, event("left", &me).with_attr("member", me.as_str()), std::slice::from_ref(&s.local));
         }
         return;
     }
@@ -354,15 +354,14 @@ fn manage(s: &mut Session, iq: &Element, q: &Element, mut g: Group) {
             let mut added = Vec::new();
             for l in &named {
                 match kind.as_str() {
-                    "add" => {
-                        if g.member(l).is_none() {
-                            g.members.push(GroupMember {
-                                local: l.clone(),
-                                role: GroupRole::Member,
-                            });
-                            added.push(l.clone());
-                        }
+                    "add" if g.member(l).is_none() => {
+                        g.members.push(GroupMember {
+                            local: l.clone(),
+                            role: GroupRole::Member,
+                        });
+                        added.push(l.clone());
                     }
+                    "add" => {}
                     "remove" => {
                         if g.member(l).is_none() {
                             s.reply_error(iq, StanzaError::ItemNotFound);
