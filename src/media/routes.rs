@@ -48,8 +48,12 @@ fn err(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
+    err(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e))
+}
+
+fn internal_msg(e: impl std::fmt::Display) -> String {
     tracing::error!(error = %e, "media request failed");
-    err(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    "internal error".into()
 }
 
 /// A refusal: status and message.
@@ -168,6 +172,88 @@ impl Reader {
     }
 }
 
+/// Checks made before any of the body is read.
+fn precheck(
+    m: &Media,
+    id: &str,
+    name: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Slot, Refuse> {
+    let slot = verify(m, id, name, uri, false)?;
+    let refuse = |st: StatusCode, msg: String| Err(Refuse(st, msg));
+    let Some(cl) = headers.get(header::CONTENT_LENGTH) else {
+        return refuse(
+            StatusCode::LENGTH_REQUIRED,
+            "Content-Length is required".into(),
+        );
+    };
+    let Some(cl) = cl.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
+        return refuse(StatusCode::BAD_REQUEST, "invalid Content-Length".into());
+    };
+    if cl > slot.size || cl > m.cfg.max_file_bytes {
+        let msg = format!(
+            "Content-Length {cl} exceeds the slot's size of {} bytes",
+            slot.size
+        );
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, msg);
+    }
+    if cl < slot.size {
+        let msg = format!(
+            "Content-Length {cl} does not match the slot's size of {} bytes",
+            slot.size
+        );
+        return refuse(StatusCode::BAD_REQUEST, msg);
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        let declared = ct.to_str().ok().and_then(sniff::essence);
+        if declared.as_deref() != Some(slot.content_type.as_str()) {
+            let msg = format!(
+                "Content-Type does not match the slot's {}",
+                slot.content_type
+            );
+            return refuse(StatusCode::BAD_REQUEST, msg);
+        }
+    }
+    match m.index.get_ref(&slot.id) {
+        Ok(Some(_)) => {
+            return refuse(
+                StatusCode::CONFLICT,
+                "this upload slot has already been used".into(),
+            );
+        }
+        Ok(None) => {}
+        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e)),
+    }
+    match m.would_exceed_quota(&slot.account, slot.size) {
+        Ok(false) => Ok(slot),
+        Ok(true) => refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "media quota exceeded for this account".into(),
+        ),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e)),
+    }
+}
+
+/// Reads and discards a small unread body (up to 1 MiB, for 2 seconds)
+/// before an early refusal, so that an HTTP/1.1 client that did not ask
+/// for `100-continue` receives the response instead of a reset.
+async fn refuse_early(r: Refuse, headers: &HeaderMap, mut body: Body) -> Response {
+    let expects = headers.contains_key(header::EXPECT);
+    let small = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n <= 1 << 20);
+    if small && !expects {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+    }
+    r.into_response()
+}
+
 async fn upload(
     State(m): State<Arc<Media>>,
     Path((id, name)): Path<(String, String)>,
@@ -175,66 +261,10 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let slot = match verify(&m, &id, &name, &uri, false) {
+    let slot = match precheck(&m, &id, &name, &uri, &headers) {
         Ok(s) => s,
-        Err(r) => return r.into_response(),
+        Err(r) => return refuse_early(r, &headers, body).await,
     };
-    let Some(cl) = headers.get(header::CONTENT_LENGTH) else {
-        return err(StatusCode::LENGTH_REQUIRED, "Content-Length is required");
-    };
-    let Some(cl) = cl.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
-        return err(StatusCode::BAD_REQUEST, "invalid Content-Length");
-    };
-    if cl > slot.size || cl > m.cfg.max_file_bytes {
-        return err(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "Content-Length {cl} exceeds the slot's size of {} bytes",
-                slot.size
-            ),
-        );
-    }
-    if cl < slot.size {
-        return err(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "Content-Length {cl} does not match the slot's size of {} bytes",
-                slot.size
-            ),
-        );
-    }
-    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-        let declared = ct.to_str().ok().and_then(sniff::essence);
-        if declared.as_deref() != Some(slot.content_type.as_str()) {
-            return err(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "Content-Type does not match the slot's {}",
-                    slot.content_type
-                ),
-            );
-        }
-    }
-    match m.index.get_ref(&slot.id) {
-        Ok(Some(_)) => {
-            return err(
-                StatusCode::CONFLICT,
-                "this upload slot has already been used",
-            );
-        }
-        Ok(None) => {}
-        Err(e) => return internal(e),
-    }
-    match m.would_exceed_quota(&slot.account, slot.size) {
-        Ok(false) => {}
-        Ok(true) => {
-            return err(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "media quota exceeded for this account",
-            );
-        }
-        Err(e) => return internal(e),
-    }
     let mut body = body;
     let mut reader = Reader::new(&m.cfg, slot.size);
     // Sniff the first bytes before anything touches the disk.
