@@ -15,9 +15,8 @@ use crate::run::localpart;
 
 /// Writes `phone,password` lines for `range`.
 pub fn write_csv(path: &Path, prefix: &str, password: &str, range: Range<usize>) -> Result<()> {
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
-    );
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?);
     for i in range {
         writeln!(f, "{},{}", localpart(prefix, i), password)?;
     }
@@ -76,13 +75,8 @@ pub async fn register_ibr(
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
         let (t, prefix, password) = (t.clone(), prefix.to_string(), password.to_string());
-        let (next, created, existed, failed, first_error) = (
-            next.clone(),
-            created.clone(),
-            existed.clone(),
-            failed.clone(),
-            first_error.clone(),
-        );
+        let (next, created, existed, failed, first_error) =
+            (next.clone(), created.clone(), existed.clone(), failed.clone(), first_error.clone());
         let end = range.end;
         set.spawn(async move {
             let mut conn: Option<Conn> = None;
@@ -103,10 +97,7 @@ pub async fn register_ibr(
                                 on_conn = 0;
                             }
                             Ok(Err(e)) => {
-                                first_error
-                                    .lock()
-                                    .expect("lock")
-                                    .get_or_insert(format!("{e:#}"));
+                                first_error.lock().expect("lock").get_or_insert(format!("{e:#}"));
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                                 continue;
                             }
@@ -128,10 +119,7 @@ pub async fn register_ibr(
                             // Some servers allow one registration per stream:
                             // retry on a fresh connection before giving up.
                             if on_conn == 0 {
-                                first_error
-                                    .lock()
-                                    .expect("lock")
-                                    .get_or_insert(format!("{user}: {e:#}"));
+                                first_error.lock().expect("lock").get_or_insert(format!("{user}: {e:#}"));
                             }
                             conn = None;
                             continue;

@@ -39,9 +39,7 @@ pub struct Conn {
 
 impl Conn {
     pub async fn connect(t: &Target) -> Result<Conn> {
-        let stream = TcpStream::connect(t.addr)
-            .await
-            .with_context(|| format!("connect {}", t.addr))?;
+        let stream = TcpStream::connect(t.addr).await.with_context(|| format!("connect {}", t.addr))?;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
         let mut c = Conn {
@@ -100,11 +98,7 @@ impl Conn {
         self.features
             .child_ns("mechanisms", SASL_NS)
             .map(|m| {
-                m.children
-                    .iter()
-                    .filter(|c| c.local() == "mechanism")
-                    .map(|c| c.text.trim().to_string())
-                    .collect()
+                m.children.iter().filter(|c| c.local() == "mechanism").map(|c| c.text.trim().to_string()).collect()
             })
             .unwrap_or_default()
     }
@@ -122,12 +116,7 @@ impl Conn {
                 return Ok(m.to_string());
             }
         }
-        if self
-            .features
-            .child("starttls")
-            .and_then(|s| s.child("required"))
-            .is_some()
-        {
+        if self.features.child("starttls").and_then(|s| s.child("required")).is_some() {
             bail!("server requires STARTTLS; allow plaintext on the server");
         }
         bail!("no supported SASL mechanism offered: {offered:?}")
@@ -144,10 +133,7 @@ impl Conn {
         match hash {
             None => {
                 let blob = B64.encode(format!("\0{user}\0{password}"));
-                self.send(&format!(
-                    "<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{blob}</auth>"
-                ))
-                .await?;
+                self.send(&format!("<auth xmlns='{SASL_NS}' mechanism='PLAIN'>{blob}</auth>")).await?;
                 let e = self.next().await?;
                 if e.local() != "success" {
                     bail!("authentication failed: {}", condition(&e));
@@ -156,22 +142,14 @@ impl Conn {
             Some(h) => {
                 let mut sc = ScramClient::with_random_nonce(h, user, password);
                 let first = B64.encode(sc.client_first());
-                self.send(&format!(
-                    "<auth xmlns='{SASL_NS}' mechanism='{mech}'>{first}</auth>"
-                ))
-                .await?;
+                self.send(&format!("<auth xmlns='{SASL_NS}' mechanism='{mech}'>{first}</auth>")).await?;
                 let e = self.next().await?;
                 if e.local() != "challenge" {
                     bail!("authentication failed: {}", condition(&e));
                 }
-                let server_first =
-                    String::from_utf8(B64.decode(e.text.trim()).context("challenge base64")?)?;
+                let server_first = String::from_utf8(B64.decode(e.text.trim()).context("challenge base64")?)?;
                 let fin = sc.client_final(&server_first).await?;
-                self.send(&format!(
-                    "<response xmlns='{SASL_NS}'>{}</response>",
-                    B64.encode(fin)
-                ))
-                .await?;
+                self.send(&format!("<response xmlns='{SASL_NS}'>{}</response>", B64.encode(fin))).await?;
                 let mut e = self.next().await?;
                 if e.local() == "challenge" {
                     let v = String::from_utf8(B64.decode(e.text.trim())?)?;
@@ -205,19 +183,14 @@ impl Conn {
         };
         let sc = ScramClient::with_random_nonce(h, user, password);
         let first = B64.encode(sc.client_first());
-        self.send(&format!(
-            "<auth xmlns='{SASL_NS}' mechanism='{mech}'>{first}</auth>"
-        ))
-        .await?;
+        self.send(&format!("<auth xmlns='{SASL_NS}' mechanism='{mech}'>{first}</auth>")).await?;
         let e = self.next().await?;
         if e.local() != "challenge" {
             bail!("unexpected answer to auth: {}", condition(&e));
         }
         let server_first = String::from_utf8(B64.decode(e.text.trim())?)?;
         let sf = parse_server_first(&server_first, sc.client_nonce())?;
-        let _ = self
-            .send(&format!("<abort xmlns='{SASL_NS}'/></stream:stream>"))
-            .await;
+        let _ = self.send(&format!("<abort xmlns='{SASL_NS}'/></stream:stream>")).await;
         drop(self);
         salted_password(h, password, &sf.salt, sf.iterations).await?;
         Ok(())
@@ -237,16 +210,9 @@ impl Conn {
             let e = self.next().await?;
             if e.local() == "iq" && e.attr("id") == Some("bind1") {
                 if e.attr("type") != Some("result") {
-                    bail!(
-                        "bind failed: {}",
-                        e.child("error").map(condition).unwrap_or_default()
-                    );
+                    bail!("bind failed: {}", e.child("error").map(condition).unwrap_or_default());
                 }
-                return Ok(e
-                    .child("bind")
-                    .and_then(|b| b.child("jid"))
-                    .map(|j| j.text.clone())
-                    .unwrap_or_default());
+                return Ok(e.child("bind").and_then(|b| b.child("jid")).map(|j| j.text.clone()).unwrap_or_default());
             }
         }
     }
@@ -269,11 +235,7 @@ impl Conn {
                 Some("result") => Ok(true),
                 _ => {
                     let cond = e.child("error").map(condition).unwrap_or_default();
-                    if cond.starts_with("conflict") {
-                        Ok(false)
-                    } else {
-                        Err(anyhow!("registration refused: {cond}"))
-                    }
+                    if cond.starts_with("conflict") { Ok(false) } else { Err(anyhow!("registration refused: {cond}")) }
                 }
             };
         }
@@ -301,18 +263,8 @@ impl Conn {
             head.push_str("<enable xmlns='urn:xmpp:sm:3'/>");
         }
         let sess = Session::new(idx, bare);
-        let Conn {
-            reader,
-            writer,
-            domain,
-            ..
-        } = self;
-        session::spawn(
-            sess.clone(),
-            reader.expect("reader present"),
-            writer,
-            metrics,
-        );
+        let Conn { reader, writer, domain, .. } = self;
+        session::spawn(sess.clone(), reader.expect("reader present"), writer, metrics);
         sess.send_raw(head.as_bytes(), 0);
         sess.send_raw(b"<presence/>", 1);
         let n = sess.ping(&domain);
@@ -327,10 +279,7 @@ impl Conn {
         if !ok {
             let why = sess.disconnect_reason.lock().expect("reason lock").clone();
             sess.close();
-            bail!(
-                "no answer to initial presence/ping: {}",
-                why.unwrap_or_else(|| "timeout".into())
-            );
+            bail!("no answer to initial presence/ping: {}", why.unwrap_or_else(|| "timeout".into()));
         }
         Ok(sess)
     }
@@ -355,7 +304,107 @@ pub async fn login(
         let s = c.go_online(idx, bare, metrics, want_sm, timeout).await?;
         Ok::<_, anyhow::Error>((s, mech))
     };
-    tokio::time::timeout(timeout, fut)
+    tokio::time::timeout(timeout, fut).await.map_err(|_| anyhow!("login timed out after {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// Reads from `s` into `acc` until `needle` appears; returns what came
+    /// before and including it.
+    async fn until(s: &mut TcpStream, acc: &mut String, needle: &str) -> String {
+        loop {
+            if let Some(i) = acc.find(needle) {
+                let rest = acc.split_off(i + needle.len());
+                return std::mem::replace(acc, rest);
+            }
+            let mut b = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+                .await
+                .expect("read in time")
+                .expect("read");
+            assert!(n > 0, "client closed early; got {acc:?}");
+            acc.push_str(std::str::from_utf8(&b[..n]).expect("utf8"));
+        }
+    }
+
+    const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+        xmlns:stream='http://etherx.jabber.org/streams' id='x' from='localhost' version='1.0'>";
+
+    /// A scripted server: PLAIN, bind, stream management, then traffic.
+    async fn fake_server(l: TcpListener) -> String {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut acc = String::new();
+        until(&mut s, &mut acc, "version='1.0'>").await;
+        let f = "<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>\
+            <mechanism>PLAIN</mechanism></mechanisms></stream:features>";
+        s.write_all(format!("{HEADER}{f}").as_bytes()).await.unwrap();
+        let auth = until(&mut s, &mut acc, "</auth>").await;
+        let blob = auth[auth.find("'>").unwrap() + 2..auth.len() - "</auth>".len()].to_string();
+        assert_eq!(B64.decode(&blob).unwrap(), b"\x0015550000007\x00pw");
+        s.write_all(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>").await.unwrap();
+        until(&mut s, &mut acc, "version='1.0'>").await;
+        let f = "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
+            <sm xmlns='urn:xmpp:sm:3'/></stream:features>";
+        s.write_all(format!("{HEADER}{f}").as_bytes()).await.unwrap();
+        until(&mut s, &mut acc, "</iq>").await;
+        s.write_all(
+            b"<iq type='result' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
+            <jid>15550000007@localhost/bench</jid></bind></iq>",
+        )
         .await
-        .map_err(|_| anyhow!("login timed out after {timeout:?}"))?
+        .unwrap();
+        let online = until(&mut s, &mut acc, "</iq>").await;
+        assert!(online.contains("<enable xmlns='urn:xmpp:sm:3'/>"), "{online}");
+        assert!(online.contains("<presence/>"), "{online}");
+        s.write_all(b"<enabled xmlns='urn:xmpp:sm:3'/><iq type='result' id='s1' from='localhost'/>").await.unwrap();
+        // Traffic: a timed message, an ack request, a ping.
+        let body = "0 0";
+        s.write_all(
+            format!(
+                "<message from='15550000001@localhost/b' type='chat'><body>{body}</body></message>\
+                 <r xmlns='urn:xmpp:sm:3'/>\
+                 <iq type='get' id='p1' from='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // h counts the ping result after <enabled/> and the message.
+        let a = until(&mut s, &mut acc, "h='2'/>").await;
+        let pong = until(&mut s, &mut acc, "id='p1' to='localhost'/>").await;
+        // The client sent presence, a ping and a ping result.
+        s.write_all(b"<a xmlns='urn:xmpp:sm:3' h='3'/>").await.unwrap();
+        let tail = until(&mut s, &mut acc, "</stream:stream>").await;
+        s.write_all(b"</stream:stream>").await.unwrap();
+        format!("{a}|{pong}|{tail}")
+    }
+
+    #[tokio::test]
+    async fn login_and_session_protocol() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(fake_server(l));
+        let t = Target { addr, domain: "localhost".into(), resource: "bench".into(), mechanism: None };
+        let m = Arc::new(Metrics::new(1024, 1000));
+        m.begin_window();
+        let (s, mech) = login(&t, 7, "15550000007", "pw", m.clone(), true, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(mech, "PLAIN");
+        assert!(s.sm_on.load(Relaxed));
+        assert_eq!(s.jid, "15550000007@localhost");
+        assert!(s.wait_for(Duration::from_secs(5), |s| s.acked.load(Relaxed) >= 3).await);
+        assert_eq!(s.unacked(), 0);
+        assert_eq!(m.received.load(Relaxed), 1);
+        assert_eq!(s.in_count.load(Relaxed), 3);
+        s.close();
+        let log = server.await.unwrap();
+        assert!(log.contains("<a xmlns='urn:xmpp:sm:3' h='2'/>"), "{log}");
+        assert!(log.contains("<iq type='result' id='p1' to='localhost'/>"), "{log}");
+        assert!(log.contains("h='3'/></stream:stream>"), "{log}");
+        assert!(s.wait_for(Duration::from_secs(5), |s| !s.is_alive()).await || !s.is_alive());
+    }
 }

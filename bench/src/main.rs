@@ -27,11 +27,7 @@ use crate::results::RunResult;
 use crate::run::Ctx;
 
 #[derive(Parser)]
-#[command(
-    name = "chatd-bench",
-    version,
-    about = "Load generator for XMPP chat servers"
-)]
+#[command(name = "chatd-bench", version, about = "Load generator for XMPP chat servers")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -151,12 +147,7 @@ struct RunArgs {
     #[arg(long)]
     server_pid: Option<u32>,
     /// Phases to run, in order.
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "login,idle,steady"
-    )]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "login,idle,steady")]
     phases: Vec<Phase>,
     /// Concurrent sessions (accounts FIRST..FIRST+SESSIONS).
     #[arg(long, default_value_t = 10000)]
@@ -182,11 +173,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 5.0)]
     settle: f64,
     /// Target message rates (msgs/s) of the steady steps.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "1000,2000,5000,10000,20000,50000,100000,200000"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000,20000,50000,100000,200000")]
     rates: Vec<f64>,
     /// Seconds each step sends.
     #[arg(long, default_value_t = 5.0)]
@@ -249,11 +236,7 @@ fn main() {
         Cmd::Run(r) => r.server.threads,
         Cmd::Report(_) => Some(1),
     }
-    .unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-    });
+    .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -283,22 +266,14 @@ async fn accounts_cmd(a: AccountsArgs) -> Result<()> {
     match a.mode {
         AccountMode::Csv | AccountMode::Import => {
             let csv = a.csv.clone().unwrap_or_else(|| {
-                std::env::temp_dir()
-                    .join(format!("chatd-bench-accounts-{}.csv", std::process::id()))
+                std::env::temp_dir().join(format!("chatd-bench-accounts-{}.csv", std::process::id()))
             });
             accounts::write_csv(&csv, &s.prefix, &s.password, range.clone())?;
             eprintln!("wrote {} accounts to {}", a.count, csv.display());
             if a.mode == AccountMode::Import {
-                let dir = a
-                    .data_dir
-                    .clone()
-                    .ok_or_else(|| anyhow!("--data-dir is required for import"))?;
+                let dir = a.data_dir.clone().ok_or_else(|| anyhow!("--data-dir is required for import"))?;
                 let secs = accounts::chatd_import(&a.chatd_bin, &dir, &csv)?;
-                eprintln!(
-                    "imported {} accounts in {secs:.2}s ({:.0}/s)",
-                    a.count,
-                    a.count as f64 / secs
-                );
+                eprintln!("imported {} accounts in {secs:.2}s ({:.0}/s)", a.count, a.count as f64 / secs);
                 if a.csv.is_none() {
                     let _ = std::fs::remove_file(&csv);
                 }
@@ -307,14 +282,7 @@ async fn accounts_cmd(a: AccountsArgs) -> Result<()> {
         }
         AccountMode::Ibr => {
             let t = s.target()?;
-            let fut = accounts::register_ibr(
-                &t,
-                &s.prefix,
-                &s.password,
-                range,
-                a.concurrency,
-                Duration::from_secs(30),
-            );
+            let fut = accounts::register_ibr(&t, &s.prefix, &s.password, range, a.concurrency, Duration::from_secs(30));
             let o = tokio::time::timeout(Duration::from_secs(s.timeout), fut)
                 .await
                 .map_err(|_| anyhow!("registration timed out"))?;
@@ -327,11 +295,7 @@ async fn accounts_cmd(a: AccountsArgs) -> Result<()> {
                 (o.created + o.existed) as f64 / o.secs
             );
             if o.failed > 0 {
-                bail!(
-                    "{} registrations failed; first error: {}",
-                    o.failed,
-                    o.first_error.unwrap_or_default()
-                );
+                bail!("{} registrations failed; first error: {}", o.failed, o.first_error.unwrap_or_default());
             }
             Ok(())
         }
@@ -360,13 +324,9 @@ async fn run_cmd(mut r: RunArgs, threads: usize, nofile: u64) -> Result<()> {
         apply_smoke(&mut r);
     }
     let target = r.server.target()?;
-    let pid = r.server_pid.or_else(|| {
-        if target.addr.ip().is_loopback() {
-            procstat::pid_listening_on(r.server.port)
-        } else {
-            None
-        }
-    });
+    let pid = r
+        .server_pid
+        .or_else(|| if target.addr.ip().is_loopback() { procstat::pid_listening_on(r.server.port) } else { None });
     let result = Arc::new(Mutex::new(RunResult {
         server: r.server_name.clone(),
         scenario: r.scenario.clone(),
@@ -399,11 +359,7 @@ async fn run_cmd(mut r: RunArgs, threads: usize, nofile: u64) -> Result<()> {
         registry: Arc::new(Mutex::new(Vec::new())),
     });
     let stop = Arc::new(AtomicBool::new(false));
-    run::spawn_ack_ticker(
-        ctx.registry.clone(),
-        Duration::from_secs_f64(r.ack_interval.max(0.05)),
-        stop.clone(),
-    );
+    run::spawn_ack_ticker(ctx.registry.clone(), Duration::from_secs_f64(r.ack_interval.max(0.05)), stop.clone());
     let start = Instant::now();
     let timeout = Duration::from_secs(r.server.timeout);
     let out = tokio::time::timeout(timeout, phases(&ctx, &r, &result)).await;
@@ -461,11 +417,7 @@ fn strict_check(res: &RunResult) -> Result<()> {
             o.received, o.messages, o.login_ok, o.users, o.confirmed_senders, o.senders
         ));
     }
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        bail!("strict check failed: {}", bad.join("; "))
-    }
+    if bad.is_empty() { Ok(()) } else { bail!("strict check failed: {}", bad.join("; ")) }
 }
 
 async fn phases(ctx: &Ctx, r: &RunArgs, result: &Mutex<RunResult>) -> Result<()> {
@@ -480,13 +432,7 @@ async fn phases(ctx: &Ctx, r: &RunArgs, result: &Mutex<RunResult>) -> Result<()>
         sessions = s?;
     }
     if has(Phase::Idle) {
-        let idle = run::phase_idle(
-            ctx,
-            &sessions,
-            rss_before,
-            Duration::from_secs_f64(r.settle),
-        )
-        .await;
+        let idle = run::phase_idle(ctx, &sessions, rss_before, Duration::from_secs_f64(r.settle)).await;
         result.lock().expect("result").idle = Some(idle);
     }
     if has(Phase::Steady) {
@@ -501,10 +447,7 @@ async fn phases(ctx: &Ctx, r: &RunArgs, result: &Mutex<RunResult>) -> Result<()>
             drivers: r.drivers,
         };
         let st = run::phase_steady(ctx, &sessions, &o).await;
-        ctx.log(&format!(
-            "steady: max passing rate {:.0}/s, stopped: {}",
-            st.max_ok_rate, st.stop_reason
-        ));
+        ctx.log(&format!("steady: max passing rate {:.0}/s, stopped: {}", st.max_ok_rate, st.stop_reason));
         result.lock().expect("result").steady = Some(st);
     }
     if has(Phase::Offline) {

@@ -155,17 +155,9 @@ impl Metrics {
     /// Starts a new accounting window: counters and histogram start at zero,
     /// earlier messages count as stale from now on.
     pub fn begin_window(&self) {
-        self.window_first_seq
-            .store(self.next_seq.load(Relaxed), Relaxed);
+        self.window_first_seq.store(self.next_seq.load(Relaxed), Relaxed);
         self.hist.reset();
-        for c in [
-            &self.received,
-            &self.received_while_open,
-            &self.stale,
-            &self.late,
-            &self.dups,
-            &self.errors,
-        ] {
+        for c in [&self.received, &self.received_while_open, &self.stale, &self.late, &self.dups, &self.errors] {
             c.store(0, Relaxed);
         }
         self.window_open.store(true, Relaxed);
@@ -234,9 +226,7 @@ mod tests {
     #[test]
     fn buckets_are_monotonic_and_tight() {
         let mut last = 0;
-        for us in [
-            0u64, 1, 127, 128, 129, 200, 1000, 5000, 12345, 1_000_000, 60_000_000,
-        ] {
+        for us in [0u64, 1, 127, 128, 129, 200, 1000, 5000, 12345, 1_000_000, 60_000_000] {
             let b = bucket_of(us);
             assert!(b >= last);
             last = b;

@@ -45,11 +45,7 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 pub fn nofile_limit(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
     let line = s.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
 }
 
 /// Socket inodes listening on `port` (any local address, IPv4 or IPv6).
@@ -122,11 +118,7 @@ pub fn raise_nofile() -> u64 {
 pub fn machine_busy_secs() -> Option<f64> {
     let s = fs::read_to_string("/proc/stat").ok()?;
     let line = s.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .take(8)
-        .filter_map(|x| x.parse().ok())
-        .collect();
+    let v: Vec<f64> = line.split_whitespace().take(8).filter_map(|x| x.parse().ok()).collect();
     if v.len() < 8 {
         return None;
     }
@@ -180,12 +172,7 @@ impl CpuMark {
             (Some(a), Some(b)) => Some((b - a - server.unwrap_or(0.0) - generator).max(0.0)),
             _ => None,
         };
-        CpuUse {
-            wall: now.at.duration_since(self.at).as_secs_f64(),
-            server,
-            generator,
-            other,
-        }
+        CpuUse { wall: now.at.duration_since(self.at).as_secs_f64(), server, generator, other }
     }
 }
 

@@ -45,14 +45,9 @@ fn read(path: &Path) -> Option<RunResult> {
 pub fn report(a: &ReportArgs) -> Result<()> {
     let mut servers = a.servers.clone();
     if servers.is_empty() {
-        for e in std::fs::read_dir(&a.dir)
-            .with_context(|| format!("read {}", a.dir.display()))?
-            .flatten()
-        {
+        for e in std::fs::read_dir(&a.dir).with_context(|| format!("read {}", a.dir.display()))?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(s) = name
-                .strip_suffix("-load.json")
-                .or_else(|| name.strip_suffix("-offline.json"))
+            if let Some(s) = name.strip_suffix("-load.json").or_else(|| name.strip_suffix("-offline.json"))
                 && !servers.iter().any(|x| x == s)
             {
                 servers.push(s.to_string());
@@ -77,20 +72,13 @@ pub fn report(a: &ReportArgs) -> Result<()> {
     let versions = std::fs::read_to_string(a.dir.join("versions.txt")).unwrap_or_default();
     let md = markdown(&sums, &versions);
     std::fs::write(out.join("summary.md"), &md)?;
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(&sums)?,
-    )?;
+    std::fs::write(out.join("summary.json"), serde_json::to_string_pretty(&sums)?)?;
     print!("{md}");
     match chart(&sums, &out.join("chart.png")) {
         Ok(()) => eprintln!("wrote {}", out.join("chart.png").display()),
         Err(e) => eprintln!("no chart: {e:#}"),
     }
-    eprintln!(
-        "wrote {} and {}",
-        out.join("summary.md").display(),
-        out.join("summary.json").display()
-    );
+    eprintln!("wrote {} and {}", out.join("summary.md").display(), out.join("summary.json").display());
     Ok(())
 }
 
@@ -125,136 +113,54 @@ fn markdown(sums: &[ServerSummary], versions: &str) -> String {
     let rows: Vec<Row> = vec![
         (
             "sessions logged in",
-            Box::new(move |x| {
-                load(x)
-                    .login
-                    .map(|l| format!("{}/{}", l.ok, l.attempted))
-                    .unwrap_or("–".into())
-            }),
+            Box::new(move |x| load(x).login.map(|l| format!("{}/{}", l.ok, l.attempted)).unwrap_or("–".into())),
         ),
-        (
-            "SASL mechanism",
-            Box::new(move |x| load(x).login.map(|l| l.mechanism).unwrap_or("–".into())),
-        ),
-        (
-            "logins/s",
-            Box::new(move |x| f(load(x).login.map(|l| l.logins_per_s), 0)),
-        ),
-        (
-            "server CPU per login (ms)",
-            Box::new(move |x| f(load(x).login.and_then(|l| l.server_cpu_ms_per_login), 3)),
-        ),
-        (
-            "generator CPU per login (ms)",
-            Box::new(move |x| f(load(x).login.map(|l| l.gen_cpu_ms_per_login), 3)),
-        ),
-        (
-            "server RSS per idle session (KiB)",
-            Box::new(move |x| f(load(x).idle.and_then(|i| i.kib_per_session), 1)),
-        ),
+        ("SASL mechanism", Box::new(move |x| load(x).login.map(|l| l.mechanism).unwrap_or("–".into()))),
+        ("logins/s", Box::new(move |x| f(load(x).login.map(|l| l.logins_per_s), 0))),
+        ("server CPU per login (ms)", Box::new(move |x| f(load(x).login.and_then(|l| l.server_cpu_ms_per_login), 3))),
+        ("generator CPU per login (ms)", Box::new(move |x| f(load(x).login.map(|l| l.gen_cpu_ms_per_login), 3))),
+        ("server RSS per idle session (KiB)", Box::new(move |x| f(load(x).idle.and_then(|i| i.kib_per_session), 1))),
         (
             "server RSS with all sessions (MiB)",
-            Box::new(move |x| {
-                f(
-                    load(x)
-                        .idle
-                        .and_then(|i| i.rss_after_kib)
-                        .map(|k| k as f64 / 1024.0),
-                    1,
-                )
-            }),
+            Box::new(move |x| f(load(x).idle.and_then(|i| i.rss_after_kib).map(|k| k as f64 / 1024.0), 1)),
         ),
-        (
-            "idle server CPU (%)",
-            Box::new(move |x| f(load(x).idle.and_then(|i| i.server_cpu_pct), 1)),
-        ),
-        (
-            "max steady rate within limits (msgs/s)",
-            Box::new(move |x| f(load(x).steady.map(|st| st.max_ok_rate), 0)),
-        ),
+        ("idle server CPU (%)", Box::new(move |x| f(load(x).idle.and_then(|i| i.server_cpu_pct), 1))),
+        ("max steady rate within limits (msgs/s)", Box::new(move |x| f(load(x).steady.map(|st| st.max_ok_rate), 0))),
         (
             "p99 at that rate (ms)",
-            Box::new(move |x| {
-                f(
-                    load(x)
-                        .steady
-                        .and_then(|st| st.steps.iter().rfind(|p| p.pass).map(|p| p.p99_ms)),
-                    2,
-                )
-            }),
+            Box::new(move |x| f(load(x).steady.and_then(|st| st.steps.iter().rfind(|p| p.pass).map(|p| p.p99_ms)), 2)),
         ),
         (
             "server CPU at that rate (%)",
             Box::new(move |x| {
-                f(
-                    load(x).steady.and_then(|st| {
-                        st.steps
-                            .iter()
-                            .rfind(|p| p.pass)
-                            .and_then(|p| p.server_cpu_pct)
-                    }),
-                    0,
-                )
+                f(load(x).steady.and_then(|st| st.steps.iter().rfind(|p| p.pass).and_then(|p| p.server_cpu_pct)), 0)
             }),
         ),
         (
             "generator CPU at that rate (%)",
             Box::new(move |x| {
-                f(
-                    load(x)
-                        .steady
-                        .and_then(|st| st.steps.iter().rfind(|p| p.pass).map(|p| p.gen_cpu_pct)),
-                    0,
-                )
+                f(load(x).steady.and_then(|st| st.steps.iter().rfind(|p| p.pass).map(|p| p.gen_cpu_pct)), 0)
             }),
         ),
         (
             "steady load stopped because",
-            Box::new(move |x| {
-                load(x)
-                    .steady
-                    .map(|st| st.stop_reason)
-                    .unwrap_or("–".into())
-            }),
+            Box::new(move |x| load(x).steady.map(|st| st.stop_reason).unwrap_or("–".into())),
         ),
-        (
-            "offline store (msgs/s)",
-            Box::new(move |x| f(off(x).map(|o| o.store_rate), 0)),
-        ),
-        (
-            "offline drain after login (msgs/s)",
-            Box::new(move |x| f(off(x).map(|o| o.drain_rate), 0)),
-        ),
+        ("offline store (msgs/s)", Box::new(move |x| f(off(x).map(|o| o.store_rate), 0))),
+        ("offline drain after login (msgs/s)", Box::new(move |x| f(off(x).map(|o| o.drain_rate), 0))),
         (
             "offline messages received / sent",
-            Box::new(move |x| {
-                off(x)
-                    .map(|o| format!("{}/{}", o.received, o.messages))
-                    .unwrap_or("–".into())
-            }),
+            Box::new(move |x| off(x).map(|o| format!("{}/{}", o.received, o.messages)).unwrap_or("–".into())),
         ),
         (
             "other processes' CPU, max over steps (%)",
             Box::new(move |x| {
-                f(
-                    load(x).steady.and_then(|st| {
-                        st.steps
-                            .iter()
-                            .filter_map(|p| p.other_cpu_pct)
-                            .reduce(f64::max)
-                    }),
-                    0,
-                )
+                f(load(x).steady.and_then(|st| st.steps.iter().filter_map(|p| p.other_cpu_pct).reduce(f64::max)), 0)
             }),
         ),
         (
             "server open-files limit",
-            Box::new(move |x| {
-                load(x)
-                    .server_nofile_limit
-                    .map(|v| v.to_string())
-                    .unwrap_or("–".into())
-            }),
+            Box::new(move |x| load(x).server_nofile_limit.map(|v| v.to_string()).unwrap_or("–".into())),
         ),
     ];
     for (name, get) in &rows {
@@ -296,10 +202,7 @@ fn markdown(sums: &[ServerSummary], versions: &str) -> String {
         .iter()
         .flat_map(|x| {
             [&x.load, &x.offline].into_iter().flatten().flat_map(|r| {
-                r.errors
-                    .iter()
-                    .map(|e| format!("{} ({}): {e}", r.server, r.scenario))
-                    .collect::<Vec<_>>()
+                r.errors.iter().map(|e| format!("{} ({}): {e}", r.server, r.scenario)).collect::<Vec<_>>()
             })
         })
         .collect();
@@ -321,10 +224,8 @@ const FONT_PATHS: &[&str] = &[
 ];
 
 fn load_font() -> Result<()> {
-    let candidates: Vec<String> = std::env::var("BENCH_FONT")
-        .into_iter()
-        .chain(FONT_PATHS.iter().map(|s| s.to_string()))
-        .collect();
+    let candidates: Vec<String> =
+        std::env::var("BENCH_FONT").into_iter().chain(FONT_PATHS.iter().map(|s| s.to_string())).collect();
     for p in candidates {
         if let Ok(bytes) = std::fs::read(&p) {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -333,9 +234,7 @@ fn load_font() -> Result<()> {
             }
         }
     }
-    Err(anyhow!(
-        "no TrueType font found (install fonts-dejavu-core or set BENCH_FONT)"
-    ))
+    Err(anyhow!("no TrueType font found (install fonts-dejavu-core or set BENCH_FONT)"))
 }
 
 fn color_of_server(name: &str, i: usize) -> RGBColor {
@@ -371,31 +270,15 @@ fn chart(sums: &[ServerSummary], path: &Path) -> Result<()> {
         .map(|x| {
             (
                 x.server.clone(),
-                x.load
-                    .as_ref()
-                    .and_then(|l| l.idle.as_ref())
-                    .and_then(|i| i.kib_per_session)
-                    .unwrap_or(0.0),
+                x.load.as_ref().and_then(|l| l.idle.as_ref()).and_then(|i| i.kib_per_session).unwrap_or(0.0),
             )
         })
         .collect();
-    bar_panel(
-        &mid,
-        "Server memory per idle session",
-        "KiB per session",
-        &mem,
-    )?;
+    bar_panel(&mid, "Server memory per idle session", "KiB per session", &mem)?;
     let logins: Vec<(String, f64)> = sums
         .iter()
         .map(|x| {
-            (
-                x.server.clone(),
-                x.load
-                    .as_ref()
-                    .and_then(|l| l.login.as_ref())
-                    .map(|l| l.logins_per_s)
-                    .unwrap_or(0.0),
-            )
+            (x.server.clone(), x.load.as_ref().and_then(|l| l.login.as_ref()).map(|l| l.logins_per_s).unwrap_or(0.0))
         })
         .collect();
     bar_panel(&right, "Login rate", "logins/s", &logins)?;
@@ -403,10 +286,7 @@ fn chart(sums: &[ServerSummary], path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn latency_panel(
-    sums: &[ServerSummary],
-    area: &DrawingArea<BitMapBackend<'_>, Shift>,
-) -> Result<()> {
+fn latency_panel(sums: &[ServerSummary], area: &DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()> {
     let series: Vec<(String, Vec<(f64, f64)>)> = sums
         .iter()
         .map(|x| {
@@ -426,22 +306,10 @@ fn latency_panel(
         })
         .collect();
     let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
-    let limit = sums
-        .iter()
-        .filter_map(|x| x.load.as_ref()?.steady.as_ref().map(|s| s.max_p99_ms))
-        .fold(10.0, f64::max);
-    let xmin = all
-        .iter()
-        .map(|p| p.0)
-        .fold(f64::INFINITY, f64::min)
-        .min(100.0);
+    let limit = sums.iter().filter_map(|x| x.load.as_ref()?.steady.as_ref().map(|s| s.max_p99_ms)).fold(10.0, f64::max);
+    let xmin = all.iter().map(|p| p.0).fold(f64::INFINITY, f64::min).min(100.0);
     let xmax = all.iter().map(|p| p.0).fold(0.0, f64::max).max(1000.0) * 1.5;
-    let ymin = all
-        .iter()
-        .map(|p| p.1)
-        .fold(f64::INFINITY, f64::min)
-        .min(0.1)
-        * 0.8;
+    let ymin = all.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).min(0.1) * 0.8;
     let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max).max(limit * 2.0) * 1.5;
     let e = |e: &dyn std::fmt::Display| anyhow!("{e}");
     let mut ch = ChartBuilder::on(area)
@@ -456,31 +324,21 @@ fn latency_panel(
         .y_desc("p99 latency (ms)")
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&|v| {
-            if *v >= 1.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.2}")
-            }
+            if *v >= 1.0 { format!("{v:.0}") } else { format!("{v:.2}") }
         })
         .draw()
         .map_err(|x| e(&x))?;
-    ch.draw_series(DashedLineSeries::new(
-        vec![(xmin, limit), (xmax, limit)],
-        8,
-        6,
-        BLACK.mix(0.6).stroke_width(2),
-    ))
-    .map_err(|x| e(&x))?
-    .label(format!("p99 limit {limit} ms"))
-    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6).stroke_width(2)));
+    ch.draw_series(DashedLineSeries::new(vec![(xmin, limit), (xmax, limit)], 8, 6, BLACK.mix(0.6).stroke_width(2)))
+        .map_err(|x| e(&x))?
+        .label(format!("p99 limit {limit} ms"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6).stroke_width(2)));
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = color_of_server(name, i);
         ch.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
             .map_err(|x| e(&x))?
             .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        ch.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))
-            .map_err(|x| e(&x))?;
+        ch.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled()))).map_err(|x| e(&x))?;
     }
     ch.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -513,11 +371,7 @@ fn bar_panel(
         .disable_x_mesh()
         .y_desc(ydesc)
         .y_label_formatter(&|v| {
-            if ymax >= 10.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.1}")
-            }
+            if ymax >= 10.0 { format!("{v:.0}") } else { format!("{v:.1}") }
         })
         .x_labels(vals.len().max(1))
         .x_label_formatter(&|v| match v {
@@ -529,21 +383,11 @@ fn bar_panel(
     for (i, (name, v)) in vals.iter().enumerate() {
         let c = color_of_server(name, i);
         let i = i as u32;
-        let mut bar = Rectangle::new(
-            [
-                (SegmentValue::Exact(i), 0.0),
-                (SegmentValue::Exact(i + 1), *v),
-            ],
-            c.filled(),
-        );
+        let mut bar = Rectangle::new([(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *v)], c.filled());
         bar.set_margin(0, 0, 12, 12);
         ch.draw_series(std::iter::once(bar)).map_err(|x| e(&x))?;
         ch.draw_series(std::iter::once(Text::new(
-            if *v >= 100.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.1}")
-            },
+            if *v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") },
             (SegmentValue::CenterOf(i), *v + ymax * 0.02),
             ("sans-serif", 15).into_font().color(&BLACK),
         )))

@@ -53,11 +53,7 @@ impl Target {
 }
 
 /// Sends `<r/>` on every session with unacknowledged stanzas, periodically.
-pub fn spawn_ack_ticker(
-    registry: Arc<Mutex<Vec<Arc<Session>>>>,
-    every: Duration,
-    stop: Arc<AtomicBool>,
-) {
+pub fn spawn_ack_ticker(registry: Arc<Mutex<Vec<Arc<Session>>>>, every: Duration, stop: Arc<AtomicBool>) {
     crate::session::ACK_EVERY_NS.store(every.as_nanos() as u64, Relaxed);
     // Visit a slice of the sessions every 10 ms, so requests are spread
     // over the interval instead of arriving at the server in one burst.
@@ -94,13 +90,8 @@ pub async fn prime(ctx: &Ctx, range: Range<usize>, mech: &str) -> (usize, usize)
     let sem = Arc::new(Semaphore::new(ctx.login_concurrency.max(1)));
     let mut set = JoinSet::new();
     for idx in range {
-        let (t, user, pw, m, sem) = (
-            ctx.target.clone(),
-            localpart(&ctx.prefix, idx),
-            ctx.password.clone(),
-            mech.to_string(),
-            sem.clone(),
-        );
+        let (t, user, pw, m, sem) =
+            (ctx.target.clone(), localpart(&ctx.prefix, idx), ctx.password.clone(), mech.to_string(), sem.clone());
         let to = ctx.login_timeout;
         set.spawn(async move {
             let _p = sem.acquire_owned().await;
@@ -113,11 +104,7 @@ pub async fn prime(ctx: &Ctx, range: Range<usize>, mech: &str) -> (usize, usize)
     }
     let (mut ok, mut failed) = (0, 0);
     while let Some(r) = set.join_next().await {
-        if matches!(r, Ok(true)) {
-            ok += 1
-        } else {
-            failed += 1
-        }
+        if matches!(r, Ok(true)) { ok += 1 } else { failed += 1 }
     }
     (ok, failed)
 }
@@ -137,13 +124,8 @@ pub async fn login_range(ctx: &Ctx, range: Range<usize>) -> LoginOutcome {
     let start = Instant::now();
     let mut set = JoinSet::new();
     for idx in range {
-        let (t, user, pw, sem, m) = (
-            ctx.target.clone(),
-            localpart(&ctx.prefix, idx),
-            ctx.password.clone(),
-            sem.clone(),
-            ctx.metrics.clone(),
-        );
+        let (t, user, pw, sem, m) =
+            (ctx.target.clone(), localpart(&ctx.prefix, idx), ctx.password.clone(), sem.clone(), ctx.metrics.clone());
         let (sm, to) = (ctx.want_sm, ctx.login_timeout);
         set.spawn(async move {
             let _p = sem.acquire_owned().await;
@@ -160,13 +142,8 @@ pub async fn login_range(ctx: &Ctx, range: Range<usize>) -> LoginOutcome {
             Err(last.expect("an error"))
         });
     }
-    let mut out = LoginOutcome {
-        sessions: Vec::new(),
-        failed: 0,
-        errors: BTreeMap::new(),
-        mechanism: String::new(),
-        secs: 0.0,
-    };
+    let mut out =
+        LoginOutcome { sessions: Vec::new(), failed: 0, errors: BTreeMap::new(), mechanism: String::new(), secs: 0.0 };
     while let Some(r) = set.join_next().await {
         match r {
             Ok(Ok((s, mech))) => {
@@ -196,11 +173,7 @@ fn note_errors(res: &mut RunResult, what: &str, errors: &BTreeMap<String, usize>
 }
 
 /// Phase (b): logins, with CPU accounting.
-pub async fn phase_login(
-    ctx: &Ctx,
-    range: Range<usize>,
-    res: &mut RunResult,
-) -> Result<Vec<Arc<Session>>> {
+pub async fn phase_login(ctx: &Ctx, range: Range<usize>, res: &mut RunResult) -> Result<Vec<Arc<Session>>> {
     let (mech, _) = probe_mechanism(&ctx.target).await?;
     let mut prime_secs = 0.0;
     if ctx.prime && mech.starts_with("SCRAM") {
@@ -214,20 +187,13 @@ pub async fn phase_login(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let attempted = range.len();
-    ctx.log(&format!(
-        "logging in {attempted} sessions ({mech}, {} concurrent)",
-        ctx.login_concurrency
-    ));
+    ctx.log(&format!("logging in {attempted} sessions ({mech}, {} concurrent)", ctx.login_concurrency));
     let mark = CpuMark::take(ctx.pid);
     let out = login_range(ctx, range).await;
     let cpu = mark.since(ctx.pid);
     let (server_cpu, gen_cpu) = (cpu.server, cpu.generator);
     let ok = out.sessions.len();
-    let sm = out
-        .sessions
-        .iter()
-        .filter(|s| s.sm_on.load(Relaxed))
-        .count();
+    let sm = out.sessions.iter().filter(|s| s.sm_on.load(Relaxed)).count();
     let lr = LoginResult {
         attempted,
         ok,
@@ -259,12 +225,7 @@ pub async fn phase_login(
 }
 
 /// Phase (c): memory per idle session after a settle period.
-pub async fn phase_idle(
-    ctx: &Ctx,
-    sessions: &[Arc<Session>],
-    rss_before: Option<u64>,
-    settle: Duration,
-) -> IdleResult {
+pub async fn phase_idle(ctx: &Ctx, sessions: &[Arc<Session>], rss_before: Option<u64>, settle: Duration) -> IdleResult {
     let mark = CpuMark::take(ctx.pid);
     tokio::time::sleep(settle).await;
     let cpu = mark.since(ctx.pid);
@@ -307,10 +268,7 @@ pub struct SteadyOpts {
 /// Phase (d): stepped message rates until latency or loss goes bad.
 pub async fn phase_steady(ctx: &Ctx, sessions: &[Arc<Session>], o: &SteadyOpts) -> SteadyResult {
     let all: Arc<Vec<Arc<Session>>> = Arc::new(sessions.to_vec());
-    let mut out = SteadyResult {
-        max_p99_ms: o.max_p99_ms,
-        ..Default::default()
-    };
+    let mut out = SteadyResult { max_p99_ms: o.max_p99_ms, ..Default::default() };
     if all.len() < 2 {
         out.stop_reason = "fewer than two sessions".into();
         return out;
@@ -318,10 +276,7 @@ pub async fn phase_steady(ctx: &Ctx, sessions: &[Arc<Session>], o: &SteadyOpts) 
     if !o.warmup.is_zero() {
         let r = o.rates.first().copied().unwrap_or(100.0).min(500.0);
         let s = run_step(ctx, &all, r, o.warmup, o.drain, o.drivers).await;
-        ctx.log(&format!(
-            "warm-up at {r:.0}/s: p99 {:.2} ms, lost {}",
-            s.p99_ms, s.lost
-        ));
+        ctx.log(&format!("warm-up at {r:.0}/s: p99 {:.2} ms, lost {}", s.p99_ms, s.lost));
         tokio::time::sleep(o.pause).await;
     }
     out.stop_reason = "all rates passed".into();
@@ -333,10 +288,7 @@ pub async fn phase_steady(ctx: &Ctx, sessions: &[Arc<Session>], o: &SteadyOpts) 
         }
         let mut s = run_step(ctx, &all, rate, o.step, o.drain, o.drivers).await;
         let gen_limited = s.sent_rate < rate * 0.9;
-        s.pass = s.p99_ms <= o.max_p99_ms
-            && s.lost <= o.max_lost
-            && !gen_limited
-            && s.sessions_alive == all.len();
+        s.pass = s.p99_ms <= o.max_p99_ms && s.lost <= o.max_lost && !gen_limited && s.sessions_alive == all.len();
         ctx.log(&format!(
             "rate {rate:>8.0}/s: sent {:.0}/s delivered {:.0}/s p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms lost {} late {} server CPU {}% gen CPU {:.0}% other CPU {}% alive {}",
             s.sent_rate,
@@ -363,10 +315,7 @@ pub async fn phase_steady(ctx: &Ctx, sessions: &[Arc<Session>], o: &SteadyOpts) 
             } else if s.lost > o.max_lost {
                 format!("{} messages lost at {rate:.0}/s", s.lost)
             } else if s.p99_ms > o.max_p99_ms {
-                format!(
-                    "p99 {:.1} ms > {} ms at {rate:.0}/s",
-                    s.p99_ms, o.max_p99_ms
-                )
+                format!("p99 {:.1} ms > {} ms at {rate:.0}/s", s.p99_ms, o.max_p99_ms)
             } else {
                 format!("generator reached only {:.0}/s of {rate:.0}/s", s.sent_rate)
             };
@@ -486,18 +435,11 @@ pub struct OfflineOpts {
 /// Phase (e): messages to offline users, then those users log in.
 pub async fn phase_offline(ctx: &Ctx, senders: &[Arc<Session>], o: &OfflineOpts) -> OfflineResult {
     let m = ctx.metrics.clone();
-    let users: Vec<String> = o
-        .users
-        .clone()
-        .map(|i| format!("{}@{}", localpart(&ctx.prefix, i), ctx.target.domain))
-        .collect();
+    let users: Vec<String> =
+        o.users.clone().map(|i| format!("{}@{}", localpart(&ctx.prefix, i), ctx.target.domain)).collect();
     let senders: Vec<Arc<Session>> = senders.iter().filter(|s| s.is_alive()).cloned().collect();
-    let mut r = OfflineResult {
-        users: users.len(),
-        senders: senders.len(),
-        messages: o.messages,
-        ..Default::default()
-    };
+    let mut r =
+        OfflineResult { users: users.len(), senders: senders.len(), messages: o.messages, ..Default::default() };
     if users.is_empty() || senders.is_empty() {
         return r;
     }
@@ -560,11 +502,8 @@ pub async fn phase_offline(ctx: &Ctx, senders: &[Arc<Session>], o: &OfflineOpts)
     r.dups = m.dups.load(Relaxed);
     r.lost = o.messages.saturating_sub(r.received);
     let last = m.last_recv_ns.load(Relaxed);
-    r.drain_secs = if last > drain_start_ns {
-        (last - drain_start_ns) as f64 / 1e9
-    } else {
-        drain_start.elapsed().as_secs_f64()
-    };
+    r.drain_secs =
+        if last > drain_start_ns { (last - drain_start_ns) as f64 / 1e9 } else { drain_start.elapsed().as_secs_f64() };
     r.drain_rate = r.received as f64 / r.drain_secs.max(1e-9);
     r.drain_server_cpu_s = mark.since(ctx.pid).server;
     r.gen_cpu_s = procstat::self_cpu_secs() - gen0;

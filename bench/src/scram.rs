@@ -65,20 +65,14 @@ fn cache() -> &'static Mutex<HashMap<CacheKey, Vec<u8>>> {
 
 /// SaltedPassword for (hash, password, salt, iterations), from the cache or
 /// computed on the blocking pool and then cached.
-pub async fn salted_password(
-    hash: ScramHash,
-    password: &str,
-    salt: &[u8],
-    iterations: u32,
-) -> Result<Vec<u8>> {
+pub async fn salted_password(hash: ScramHash, password: &str, salt: &[u8], iterations: u32) -> Result<Vec<u8>> {
     let key = (hash, password.to_string(), salt.to_vec(), iterations);
     if let Some(v) = cache().lock().expect("cache lock").get(&key) {
         return Ok(v.clone());
     }
     let (pw, s) = (password.to_string(), salt.to_vec());
-    let v = tokio::task::spawn_blocking(move || hash.salted(pw.as_bytes(), &s, iterations))
-        .await
-        .context("pbkdf2 task")?;
+    let v =
+        tokio::task::spawn_blocking(move || hash.salted(pw.as_bytes(), &s, iterations)).await.context("pbkdf2 task")?;
     cache().lock().expect("cache lock").insert(key, v.clone());
     Ok(v)
 }
@@ -169,18 +163,11 @@ impl ScramClient {
     fn finish(&mut self, server_first: &str, nonce: &str, salted: &[u8]) -> String {
         let h = self.hash;
         let without_proof = format!("c=biws,r={nonce}");
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, server_first, without_proof
-        );
+        let auth_message = format!("{},{},{}", self.client_first_bare, server_first, without_proof);
         let client_key = h.hmac(salted, b"Client Key");
         let stored_key = h.digest(&client_key);
         let client_sig = h.hmac(&stored_key, auth_message.as_bytes());
-        let proof: Vec<u8> = client_key
-            .iter()
-            .zip(client_sig.iter())
-            .map(|(a, b)| a ^ b)
-            .collect();
+        let proof: Vec<u8> = client_key.iter().zip(client_sig.iter()).map(|(a, b)| a ^ b).collect();
         let server_key = h.hmac(salted, b"Server Key");
         self.server_signature = h.hmac(&server_key, auth_message.as_bytes());
         format!("{without_proof},p={}", B64.encode(proof))
@@ -208,13 +195,7 @@ impl ScramClient {
 mod tests {
     use super::*;
 
-    async fn exchange(
-        hash: ScramHash,
-        nonce: &str,
-        server_first: &str,
-        expect_final: &str,
-        server_final: &str,
-    ) {
+    async fn exchange(hash: ScramHash, nonce: &str, server_first: &str, expect_final: &str, server_final: &str) {
         let mut c = ScramClient::new(hash, "user", "pencil", nonce.to_string());
         assert_eq!(c.client_first(), format!("n,,n=user,r={nonce}"));
         let cf = c.client_final(server_first).await.unwrap();

@@ -58,11 +58,7 @@ impl Session {
         Arc::new(Session {
             idx,
             jid,
-            out: Mutex::new(Out {
-                buf: Vec::with_capacity(256),
-                writing: false,
-                socket: None,
-            }),
+            out: Mutex::new(Out { buf: Vec::with_capacity(256), writing: false, socket: None }),
             wake: Notify::new(),
             closing: AtomicBool::new(false),
             alive: AtomicBool::new(true),
@@ -123,17 +119,14 @@ impl Session {
     /// one is older than the ack interval.
     pub fn send_chat(&self, to: &str, ts_ns: u64, seq: u64) {
         let now = mono_ns();
-        let ask = self.sm_on.load(Relaxed)
-            && now.saturating_sub(self.last_r_ns.load(Relaxed)) >= ACK_EVERY_NS.load(Relaxed);
+        let ask =
+            self.sm_on.load(Relaxed) && now.saturating_sub(self.last_r_ns.load(Relaxed)) >= ACK_EVERY_NS.load(Relaxed);
         if ask {
             self.last_r_ns.store(now, Relaxed);
         }
         self.with_buf(1, |b| {
             let mut s = String::with_capacity(128 + to.len());
-            let _ = write!(
-                s,
-                "<message type='chat' to='{to}'><body>{ts_ns} {seq}</body></message>"
-            );
+            let _ = write!(s, "<message type='chat' to='{to}'><body>{ts_ns} {seq}</body></message>");
             if ask {
                 s.push_str(R);
             }
@@ -158,8 +151,7 @@ impl Session {
     /// Sends an iq ping to the server; returns its number, see `wait_pong`.
     pub fn ping(&self, domain: &str) -> u64 {
         let n = self.next_ping.fetch_add(1, Relaxed);
-        let s =
-            format!("<iq type='get' id='s{n}' to='{domain}'><ping xmlns='urn:xmpp:ping'/></iq>");
+        let s = format!("<iq type='get' id='s{n}' to='{domain}'><ping xmlns='urn:xmpp:ping'/></iq>");
         self.send_raw(s.as_bytes(), 1);
         n
     }
@@ -169,9 +161,7 @@ impl Session {
     }
 
     pub fn unacked(&self) -> u64 {
-        self.out_count
-            .load(Relaxed)
-            .saturating_sub(self.acked.load(Relaxed))
+        self.out_count.load(Relaxed).saturating_sub(self.acked.load(Relaxed))
     }
 
     /// Waits until `cond` holds, the session dies, or `timeout` passes.
@@ -200,8 +190,7 @@ impl Session {
     /// Waits until the server acknowledged every stanza sent so far.
     pub async fn wait_acked(&self, timeout: Duration) -> bool {
         let target = self.out_count.load(Relaxed);
-        self.wait_for(timeout, |s| s.acked.load(Relaxed) >= target)
-            .await
+        self.wait_for(timeout, |s| s.acked.load(Relaxed) >= target).await
     }
 
     /// Sends a final ack (if stream management is on) and closes the stream.
@@ -211,11 +200,7 @@ impl Session {
         }
         let mut tail = String::new();
         if self.sm_on.load(Relaxed) {
-            let _ = write!(
-                tail,
-                "<a xmlns='urn:xmpp:sm:3' h='{}'/>",
-                self.in_count.load(Relaxed)
-            );
+            let _ = write!(tail, "<a xmlns='urn:xmpp:sm:3' h='{}'/>", self.in_count.load(Relaxed));
         }
         tail.push_str("</stream:stream>");
         self.send_raw(tail.as_bytes(), 0);
@@ -242,12 +227,7 @@ struct Out {
 }
 
 /// Starts the reader and writer tasks of a logged-in session.
-pub fn spawn(
-    session: Arc<Session>,
-    reader: XmlReader,
-    writer: OwnedWriteHalf,
-    metrics: Arc<Metrics>,
-) {
+pub fn spawn(session: Arc<Session>, reader: XmlReader, writer: OwnedWriteHalf, metrics: Arc<Metrics>) {
     let w = Arc::new(writer);
     session.out.lock().expect("outbox lock").socket = Some(w.clone());
     let s = session.clone();
@@ -316,11 +296,7 @@ enum Top {
 }
 
 fn attr<'a>(e: &'a BytesStart<'_>, key: &[u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
-    e.attributes()
-        .with_checks(false)
-        .flatten()
-        .find(|a| a.key.as_ref() == key)
-        .map(|a| a.value)
+    e.attributes().with_checks(false).flatten().find(|a| a.key.as_ref() == key).map(|a| a.value)
 }
 
 fn parse_u64(v: &[u8]) -> Option<u64> {
@@ -341,12 +317,7 @@ async fn read_loop(s: Arc<Session>, mut r: XmlReader, metrics: Arc<Metrics>) {
     let mut msg_error = false;
     let mut in_body = false;
     let mut body: Vec<u8> = Vec::with_capacity(64);
-    let mut iq = IqState {
-        kind: Vec::new(),
-        id: Vec::new(),
-        from: Vec::new(),
-        ping: false,
-    };
+    let mut iq = IqState { kind: Vec::new(), id: Vec::new(), from: Vec::new(), ping: false };
     let mut err_cond = String::new();
     let why = loop {
         buf.clear();
@@ -409,13 +380,7 @@ async fn read_loop(s: Arc<Session>, mut r: XmlReader, metrics: Arc<Metrics>) {
     s.mark_dead(why);
 }
 
-fn start_top(
-    s: &Session,
-    e: &BytesStart<'_>,
-    iq: &mut IqState,
-    msg_error: &mut bool,
-    body: &mut Vec<u8>,
-) -> Top {
+fn start_top(s: &Session, e: &BytesStart<'_>, iq: &mut IqState, msg_error: &mut bool, body: &mut Vec<u8>) -> Top {
     match e.local_name().as_ref() {
         b"message" => {
             *msg_error = attr(e, b"type").as_deref() == Some(b"error");

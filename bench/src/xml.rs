@@ -33,16 +33,10 @@ impl Elem {
         for a in e.attributes().with_checks(false) {
             let a = a.map_err(|e| anyhow!("bad attribute: {e}"))?;
             let k = String::from_utf8_lossy(a.key.as_ref()).into_owned();
-            let v = a
-                .normalized_value(XmlVersion::Implicit1_0)
-                .map_err(|e| anyhow!("bad attribute value: {e}"))?;
+            let v = a.normalized_value(XmlVersion::Implicit1_0).map_err(|e| anyhow!("bad attribute value: {e}"))?;
             attrs.push((k, v.into_owned()));
         }
-        Ok(Elem {
-            name,
-            attrs,
-            ..Default::default()
-        })
+        Ok(Elem { name, attrs, ..Default::default() })
     }
 
     pub fn local(&self) -> &str {
@@ -50,10 +44,7 @@ impl Elem {
     }
 
     pub fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// Namespace declared on this element (default namespace only).
@@ -66,9 +57,7 @@ impl Elem {
     }
 
     pub fn child_ns(&self, local: &str, ns: &str) -> Option<&Elem> {
-        self.children
-            .iter()
-            .find(|c| c.local() == local && c.ns() == Some(ns))
+        self.children.iter().find(|c| c.local() == local && c.ns() == Some(ns))
     }
 }
 
@@ -103,10 +92,7 @@ pub async fn read_stream_open(r: &mut XmlReader, buf: &mut Vec<u8>) -> Result<El
                 }
                 return Ok(el);
             }
-            Event::Empty(e) => bail!(
-                "expected stream header, got <{}/>",
-                String::from_utf8_lossy(e.name().as_ref())
-            ),
+            Event::Empty(e) => bail!("expected stream header, got <{}/>", String::from_utf8_lossy(e.name().as_ref())),
             Event::Eof => bail!("connection closed before stream header"),
             _ => {}
         }
@@ -130,8 +116,7 @@ pub async fn read_element(r: &mut XmlReader, buf: &mut Vec<u8>) -> Result<Elem> 
             },
             Event::Text(t) => {
                 if let Some(top) = stack.last_mut() {
-                    top.text
-                        .push_str(&t.xml10_content().map_err(|e| anyhow!("bad text: {e}"))?);
+                    top.text.push_str(&t.xml10_content().map_err(|e| anyhow!("bad text: {e}"))?);
                 }
                 None
             }
@@ -176,12 +161,7 @@ pub fn escape(s: &str) -> String {
 
 /// Text of a `<stream:error>` or SASL `<failure>`: the first child's name.
 pub fn condition(e: &Elem) -> String {
-    let cond = e
-        .children
-        .iter()
-        .find(|c| c.local() != "text")
-        .map(|c| c.local().to_string())
-        .unwrap_or_default();
+    let cond = e.children.iter().find(|c| c.local() != "text").map(|c| c.local().to_string()).unwrap_or_default();
     match e.child("text") {
         Some(t) if !t.text.is_empty() => format!("{cond} ({})", t.text),
         _ => cond,
