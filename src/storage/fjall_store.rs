@@ -4,11 +4,15 @@
 //! Callers apply their write batch directly (journal append + memtable,
 //! microseconds, ordered by fjall's journal lock), so reads see it at once,
 //! and then take a [`Ticket`] from a counter. One syncer thread loops:
-//! read the highest issued ticket `T`, `fdatasync` the journal once,
-//! publish `T` as committed. Every batch whose ticket was issued before
-//! the read was appended before it, so one sync covers the whole group.
-//! Under load a single fsync covers thousands of messages; when idle, a
-//! message waits for exactly one fsync.
+//! read the highest issued ticket `T`, push fjall's journal buffer to the
+//! OS (a `write`, under fjall's lock), then `fdatasync` the active journal
+//! file through its own file handle — *outside* fjall's lock, so writers
+//! never wait for the disk — and publish `T` as committed. Every batch
+//! whose ticket was issued before the read was appended before it, so one
+//! sync covers the whole group. A journal that fjall rotates away is
+//! fully synced by fjall itself before the new one is used. Under load a
+//! single fsync covers thousands of messages; when idle, a message waits
+//! for exactly one fsync.
 //!
 //! A failed fsync poisons fjall; the server then cannot promise
 //! durability any more and exits so that it restarts from the journal.
@@ -92,9 +96,10 @@ impl FjallStore {
         let handle = {
             let db = db.clone();
             let sync = sync.clone();
+            let jdir = dir.join("db");
             std::thread::Builder::new()
                 .name("chatd-syncer".into())
-                .spawn(move || syncer(db, sync, tx))
+                .spawn(move || syncer(db, jdir, sync, tx))
                 .map_err(|e| StoreError::Engine(e.to_string()))?
         };
         Ok(FjallStore {
@@ -130,8 +135,42 @@ impl FjallStore {
     }
 }
 
-fn syncer(db: Database, sync: Arc<SyncState>, tx: watch::Sender<Ticket>) {
+/// The active journal: the highest-numbered `N.jnl` in the database
+/// directory.
+fn active_journal(dir: &Path) -> Option<(u64, std::path::PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id = name.strip_suffix(".jnl")?.parse::<u64>().ok()?;
+            Some((id, e.path()))
+        })
+        .max_by_key(|(id, _)| *id)
+}
+
+/// Makes everything appended to the journal so far durable without
+/// holding fjall's journal lock during the disk flush.
+fn sync_journal(db: &Database, dir: &Path, file: &mut Option<(u64, std::fs::File)>) -> fjall::Result<()> {
+    db.persist(PersistMode::Buffer)?;
+    if let Some((id, path)) = active_journal(dir) {
+        if file.as_ref().is_none_or(|(fid, _)| *fid != id) {
+            match std::fs::File::open(&path) {
+                Ok(f) => *file = Some((id, f)),
+                Err(_) => return db.persist(PersistMode::SyncData),
+            }
+        }
+        if let Some((_, f)) = file.as_ref() {
+            f.sync_data()?;
+            return Ok(());
+        }
+    }
+    db.persist(PersistMode::SyncData)
+}
+
+fn syncer(db: Database, dir: std::path::PathBuf, sync: Arc<SyncState>, tx: watch::Sender<Ticket>) {
     let mut synced = 0;
+    let mut file = None;
     loop {
         {
             let Ok(mut g) = sync.lock.lock() else { return };
@@ -144,7 +183,7 @@ fn syncer(db: Database, sync: Arc<SyncState>, tx: watch::Sender<Ticket>) {
         }
         let target = sync.issued.load(Ordering::Acquire);
         if target != synced {
-            if let Err(e) = db.persist(PersistMode::SyncData) {
+            if let Err(e) = sync_journal(&db, &dir, &mut file) {
                 tracing::error!(error = %e, "journal fsync failed; exiting so the journal is replayed on restart");
                 std::process::exit(70);
             }
