@@ -7,7 +7,9 @@ import asyncio
 import inspect
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,13 +68,30 @@ def make_server(chatd_bin, template_dir, tmp_path, request):
     yield make
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
     for srv in servers:
-        try:
-            srv.stop()
-        except AssertionError as e:
-            print(f"teardown: {e}")
-            failed = True
+        # SIGTERM now, reap at the end of the session: a clean shutdown
+        # takes a moment, and test_sigterm_shuts_down_cleanly checks it.
+        if srv.running:
+            srv.proc.send_signal(signal.SIGTERM)
+            _reap.append(srv)
         if failed:
             print(f"\n==== chatd log ({srv.data_dir.name}) ====\n{srv.log_tail()}")
+
+
+_reap: list[ChatdServer] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reap_servers():
+    yield
+    for srv in _reap:
+        try:
+            srv.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            sys.__stderr__.write(f"\nchatd in {srv.data_dir} ignored SIGTERM for 10s; killing it\n")
+            srv.kill9()
+        if os.environ.get("CHATD_TEST_DEBUG"):
+            sys.__stderr__.write(f"\n{srv.data_dir}: exit {srv.proc.returncode}\n")
+    _reap.clear()
 
 
 @pytest.fixture

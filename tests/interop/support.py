@@ -309,6 +309,9 @@ class Client(slixmpp.ClientXMPP):
             await self.get_roster(timeout=timeout)
         if presence:
             self.send_presence()
+            # The server handles a stream's stanzas in order: once the ping
+            # is answered, this session is available for delivery.
+            await self.ping_server(timeout=timeout)
         return self
 
     async def expect_login_failure(self, timeout: float = 10) -> str:
@@ -420,6 +423,24 @@ async def wait_acked(client: Client, at_least: int, timeout: float = 5) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{client.boundjid}: acked {client.sm_acks_sent()}, wanted {at_least}\n{client.trace()}")
+
+
+async def wait_confirmed(client: Client, last_text: str, timeout: float = 5) -> str:
+    """For a client without XEP-0198: waits until it has answered a server
+    confirmation ping that arrived after `last_text`. Returns the ping id."""
+    deadline = time.monotonic() + timeout
+    ping_rx = re.compile(r"<iq\b[^>]*\bid=['\"](confirm\d+)['\"]")
+    while time.monotonic() < deadline:
+        rin = "".join(client.raw_in)
+        at = rin.rfind(last_text)
+        if at >= 0:
+            for m in ping_rx.finditer(rin, at):
+                answered = re.search(r"<iq\b[^>]*\bid=['\"]%s['\"][^>]*>|<iq\b[^>]*\bid=['\"]%s['\"][^>]*/>"
+                                     % (m.group(1), m.group(1)), "".join(client.raw_out))
+                if answered and "result" in answered.group(0):
+                    return m.group(1)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{client.boundjid}: no answered confirmation ping after {last_text!r}\n{client.trace()}")
 
 
 def stanza_error(stanza) -> tuple[str | None, str | None]:

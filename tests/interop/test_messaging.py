@@ -5,7 +5,7 @@ import datetime as dt
 
 import pytest
 
-from support import (ALICE, BOB, CAROL, Client, RawClient, bare, stanza_error, wait_acked)
+from support import (ALICE, BOB, CAROL, Client, RawClient, bare, stanza_error, wait_acked, wait_confirmed)
 
 DELAY = "{urn:xmpp:delay}delay"
 SID = "{urn:xmpp:sid:0}stanza-id"
@@ -133,7 +133,7 @@ async def test_no_redelivery_after_confirmation_ping(server):
     assert bodies(got) == [f"offline {i}" for i in range(3)]
     # The server asks a client without XEP-0198 to answer a ping sent after
     # the messages; slixmpp answers it.
-    await b.wait_sent(r"<iq [^>]*id=.confirm\d+.[^>]*type=.result.|<iq [^>]*type=.result.[^>]*id=.confirm\d+.")
+    await wait_confirmed(b, "offline 2")
     assert "urn:xmpp:sm:3" not in "".join(b.raw_out)
     await b.close()
     b2 = await Client(server, BOB, sm=False).login()
@@ -239,3 +239,71 @@ async def test_large_stanza_under_limit_is_delivered(server):
     a.chat(BOB, body)
     m = await b.next_message(10)
     assert m["body"] == body
+
+
+@pytest.mark.parametrize("sm", [True, False], ids=["sm", "no-sm"])
+async def test_large_offline_backlog_in_order_then_gone(server, sm):
+    """More stored messages than one read batch: all arrive in order, each
+    once, and are gone after the device confirmed them."""
+    n = 450
+    raw = RawClient(server.host, server.c2s_port)
+    await raw.login(ALICE, resource="bulk")
+    for i in range(n):
+        raw.send(f"<message to='{bare(BOB)}' type='chat'><body>bulk {i:03d}</body></message>")
+    raw.send("<iq type='get' id='done'><ping xmlns='urn:xmpp:ping'/></iq>")
+    await raw.expect(r"<iq\b[^>]*id=['\"]done['\"]", timeout=20)
+    assert "type='error'" not in raw.buf and 'type="error"' not in raw.buf, raw.trace()
+
+    b = await Client(server, BOB, sm=sm).login()
+    got = await collect(b, n, timeout=20)
+    assert bodies(got) == [f"bulk {i:03d}" for i in range(n)]
+    if sm:
+        await wait_acked(b, n, timeout=10)
+    else:
+        await wait_confirmed(b, f"bulk {n - 1:03d}")
+    await b.close()
+
+    b2 = await Client(server, BOB, sm=sm).login()
+    await asyncio.sleep(0.3)
+    a = await Client(server, ALICE).login()
+    a.chat(BOB, "marker")
+    first = await b2.next_message(10)
+    assert first["body"] == "marker", f"redelivered after confirmation: {first['body']}"
+
+
+async def test_receipts_are_stored_but_headlines_are_not(server):
+    a = await Client(server, ALICE).login()
+    a.send_raw(f"<message to='{bare(BOB)}' id='rcpt'><received xmlns='urn:xmpp:receipts' id='orig-1'/></message>")
+    a.send_raw(f"<message to='{bare(BOB)}' type='headline'><body>news flash</body></message>")
+    a.send_raw(f"<message to='{bare(BOB)}' type='chat'><body>ignored</body>"
+               "<no-store xmlns='urn:xmpp:hints'/></message>")
+    a.chat(BOB, "last")
+    await a.ping_server()
+    b = await Client(server, BOB).login()
+    first = await b.next_message()
+    rcv = first.xml.find("{urn:xmpp:receipts}received")
+    assert rcv is not None and rcv.get("id") == "orig-1", str(first)
+    assert first.xml.find(DELAY) is not None
+    assert (await b.next_message())["body"] == "last"
+    assert await b.messages_for(0.3) == []
+
+
+async def test_message_to_own_bare_jid_reaches_other_resources(server):
+    a1 = await Client(server, ALICE, resource="one").login()
+    a2 = await Client(server, ALICE, resource="two").login()
+    a1.chat(ALICE, "note to self")
+    m = await a2.next_message()
+    assert m["body"] == "note to self" and str(m["from"]) == bare(ALICE) + "/one"
+
+
+async def test_invalid_recipient_jid(server):
+    a = await Client(server, ALICE).login()
+    a.send_raw("<message to='a@b@c' type='chat' id='bad1'><body>x</body></message>")
+    err = await a.next_message()
+    assert err["type"] == "error" and err["id"] == "bad1"
+    assert stanza_error(err)[0] == "jid-malformed", str(err)
+    a.send_raw("<message to='someone@elsewhere.example' type='chat' id='bad2'><body>x</body></message>")
+    err = await a.next_message()
+    assert err["id"] == "bad2"
+    assert stanza_error(err)[0] in ("remote-server-not-found", "service-unavailable"), str(err)
+    await a.ping_server()
