@@ -357,35 +357,36 @@ impl Conn {
             if let Some(c) = s.closing.take() {
                 self.closing.get_or_insert((c.condition, c.text));
             }
-            if !s.out.is_empty() {
-                self.out.push_str(&s.out);
-                s.out.clear();
-                if s.out.capacity() > 64 * 1024 {
-                    s.out = String::new();
-                }
-            }
             // SM acks deferred for durability are tracked here.
             for (h, t) in modules::sm::take_ack_requests(s) {
                 self.pending_acks.push_back((h, t));
             }
+        }
+        if !self.pending_acks.is_empty() {
             let c = *self.srv.stores.durability.committed().borrow();
             self.release_acks(c);
-            if let Some(s) = self.session.as_mut()
-                && !s.out.is_empty()
-            {
-                self.out.push_str(&s.out);
-                s.out.clear();
+        }
+        if !self.out.is_empty() {
+            let ok = self.io.write_all(self.out.as_bytes()).await.is_ok();
+            self.out.clear();
+            if self.out.capacity() > 64 * 1024 {
+                self.out = String::new();
+            }
+            if !ok {
+                return false;
             }
         }
-        if self.out.is_empty() {
-            return true;
+        if let Some(s) = self.session.as_mut()
+            && !s.out.is_empty()
+        {
+            let ok = self.io.write_all(s.out.as_bytes()).await.is_ok();
+            s.out.clear();
+            if s.out.capacity() > 64 * 1024 {
+                s.out = String::new();
+            }
+            return ok;
         }
-        let ok = self.io.write_all(self.out.as_bytes()).await.is_ok();
-        self.out.clear();
-        if self.out.capacity() > 64 * 1024 {
-            self.out = String::new();
-        }
-        ok
+        true
     }
 
     /// Parses and handles every complete frame in the buffer.

@@ -66,7 +66,11 @@ fn wrap(kind: &str, account_bare: &str, to_full: &str, m: &Element) -> Arc<str> 
 /// Copies `m`, sent by session `from_id` of `local`, to the account's
 /// other carbon-enabled sessions.
 pub fn sent(srv: &Arc<Server>, local: &str, from_id: u64, m: &Element) {
-    if !eligible(m) {
+    let any = srv
+        .registry
+        .peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.id != from_id))
+        .unwrap_or(false);
+    if !any || !eligible(m) {
         return;
     }
     let bare = format!("{local}@{}", srv.domain());
@@ -82,7 +86,11 @@ pub fn sent(srv: &Arc<Server>, local: &str, from_id: u64, m: &Element) {
 /// account's other carbon-enabled sessions.
 pub fn received(srv: &Arc<Server>, to: &Jid, m: &Element) {
     let (Some(local), Some(res)) = (to.local.as_deref(), to.resource.as_deref()) else { return };
-    if to.domain != srv.domain() || !eligible(m) {
+    let any = srv
+        .registry
+        .peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.resource != res))
+        .unwrap_or(false);
+    if !any || to.domain != srv.domain() || !eligible(m) {
         return;
     }
     let bare = to.bare_string();

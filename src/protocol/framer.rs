@@ -82,6 +82,9 @@ pub struct Framer {
     scope: Scope,
     /// Whether anything but whitespace was seen (XML decl allowed before).
     seen_markup: bool,
+    /// Bytes at the front of `buf` already returned; dropped lazily on the
+    /// next `feed`, so many stanzas in one read cost one move, not one each.
+    consumed: usize,
 }
 
 impl Framer {
@@ -94,6 +97,7 @@ impl Framer {
             max_stanza,
             scope: Scope::client_stream(),
             seen_markup: false,
+            consumed: 0,
         }
     }
 
@@ -104,29 +108,40 @@ impl Framer {
         self.depth = 0;
         self.start = None;
         self.seen_markup = false;
+        self.consumed = 0;
     }
 
     /// Appends received bytes.
     pub fn feed(&mut self, data: &[u8]) {
+        if self.consumed > 0 {
+            let c = self.consumed;
+            self.buf.drain(..c);
+            self.pos -= c;
+            self.start = self.start.map(|s| s - c);
+            self.consumed = 0;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// Bytes buffered but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.consumed
     }
 
     /// Releases the buffer's capacity when nothing is pending, so idle
     /// connections hold no read memory.
     pub fn shrink_if_idle(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
+        if self.buffered() == 0 && self.buf.capacity() > 0 {
             self.buf = Vec::new();
+            self.pos = 0;
+            self.consumed = 0;
+            self.start = None;
         }
     }
 
     fn consume(&mut self, upto: usize) {
-        self.buf.drain(..upto);
-        self.pos = 0;
+        self.consumed = upto;
+        self.pos = upto;
         self.start = None;
     }
 
@@ -159,16 +174,13 @@ impl Framer {
                 if self.pos >= self.buf.len() {
                     self.buf.clear();
                     self.pos = 0;
+                    self.consumed = 0;
                     return Ok(None);
                 }
                 if self.buf[self.pos] != b'<' {
                     return Err(FrameError::NotWellFormed("text outside stanza".into()));
                 }
-                // Drop the whitespace so `start` is relative to a clean buffer.
-                let p = self.pos;
-                self.buf.drain(..p);
-                self.pos = 0;
-                self.start = Some(0);
+                self.start = Some(self.pos);
             }
             // Inside a top-level element (or its start tag).
             let Some(lt) = memchr(b'<', &self.buf[self.pos..]).map(|i| i + self.pos) else {
@@ -271,7 +283,7 @@ impl Framer {
     }
 
     fn finish_stanza(&mut self, end: usize) -> Result<Frame, FrameError> {
-        let start = self.start.unwrap_or(0);
+        let start = self.start.unwrap_or(self.consumed);
         if end - start > self.max_stanza {
             return Err(FrameError::TooBig(self.max_stanza));
         }
@@ -335,6 +347,24 @@ mod tests {
         }
         assert!(matches!(&out[2], Frame::Stanza(p) if p.local_name() == "presence"));
         assert_eq!(out[3], Frame::Close);
+    }
+
+    #[test]
+    fn many_stanzas_per_read_and_a_split_one() {
+        let out = frames(&[
+            HDR,
+            "<message id='1'/><message id='2'><body>b</body></message>  <message id='3'><bo",
+            "dy>c</body></message><presence/>",
+        ])
+        .unwrap();
+        let ids: Vec<_> = out
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Stanza(e) => Some(e.attr("id").unwrap_or(e.local_name()).to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, vec!["1", "2", "3", "presence"]);
     }
 
     #[test]

@@ -40,6 +40,9 @@ fn eng(e: fjall::Error) -> StoreError {
 struct SyncState {
     issued: AtomicU64,
     stop: AtomicBool,
+    /// The syncer is waiting for work: writers wake it (a futex call)
+    /// only then, not on every write.
+    idle: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -89,6 +92,7 @@ impl FjallStore {
         let sync = Arc::new(SyncState {
             issued: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -126,7 +130,12 @@ impl FjallStore {
         b.commit().map_err(eng)?;
         let t = self.sync.issued.fetch_add(1, Ordering::AcqRel) + 1;
         drop(_g);
-        self.sync.wake.notify_one();
+        if self.sync.idle.swap(false, Ordering::AcqRel) {
+            // Take the lock so the wake cannot fall between the syncer's
+            // check and its wait.
+            let _l = self.sync.lock.lock();
+            self.sync.wake.notify_one();
+        }
         Ok(t)
     }
 
@@ -174,12 +183,17 @@ fn syncer(db: Database, dir: std::path::PathBuf, sync: Arc<SyncState>, tx: watch
     loop {
         {
             let Ok(mut g) = sync.lock.lock() else { return };
-            while sync.issued.load(Ordering::Acquire) == synced && !sync.stop.load(Ordering::Acquire) {
+            loop {
+                sync.idle.store(true, Ordering::Release);
+                if sync.issued.load(Ordering::Acquire) != synced || sync.stop.load(Ordering::Acquire) {
+                    break;
+                }
                 g = match sync.wake.wait_timeout(g, std::time::Duration::from_millis(200)) {
                     Ok((g, _)) => g,
                     Err(_) => return,
                 };
             }
+            sync.idle.store(false, Ordering::Release);
         }
         let target = sync.issued.load(Ordering::Acquire);
         if target != synced {
