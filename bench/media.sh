@@ -99,16 +99,16 @@ for start in range(0, n, batch):
     s.sendall(b"".join(
         f"<iq type='get' id='s{start + i}' to='localhost'><request xmlns='urn:xmpp:http:upload:0' filename='{name}' size='{size}' content-type='{ctype}'/></iq>".encode()
         for i in range(k)))
-    while len(re.findall(rb"<put url=", buf)) < k:
+    while len(re.findall(rb"<put url=", buf)) + len(re.findall(rb"type=.error", buf)) < k:
         d = s.recv(1 << 20)
         if not d:
             raise SystemExit("stream closed")
         buf += d
-    got += re.findall(rb"<put url='([^']*)'", buf)
+    got += re.findall(rb"<put url=[\"']([^\"']*)", buf)
     buf = b""
 for u in got:
     u = u.decode().replace("&amp;", "&")
-    print(u.split("://", 1)[1].split("/", 1)[1])
+    print("/" + u.split("://", 1)[1].split("/", 1)[1])
 PY
 }
 
@@ -186,7 +186,7 @@ wrk_put() { # url paths_file prefix size magic ctype conns
     local url=$1 pf=$2 prefix=$3 size=$4 magic=$5 ctype=$6 conns=$7
     cat >"$W/put-vars.lua" <<EOF
 paths_file = "$pf"; prefix = "$prefix"; size = $size; nthreads = $THREADS; ctype = "$ctype"
-magic = $magic
+magic = $(lua_bytes "$magic")
 EOF
     cat "$W/put-vars.lua" "$W/put.lua" >"$W/put-run.lua"
     wrk -t"$THREADS" -c"$conns" -d"${DUR}s" -s "$W/put-run.lua" "$url" 2>&1
@@ -195,8 +195,10 @@ EOF
 rps() { awk '/Requests\/sec:/{print $2}'; }
 errors() { awk '/Non-2xx/{print $5} END{}' | head -1; }
 
-JPEG_MAGIC='"\255\216\255\224\0\16JFIF\0\1\1\0\0\1\0\1\0\0"'
-MP4_MAGIC='"\0\0\0\24ftypmp42\0\0\0\0mp42isom\0\0\0\8free"'
+# File signatures (hex) the content sniffing recognises.
+JPEG_MAGIC=ffd8ffe000104a46494600010100000100010000
+MP4_MAGIC=00000018667479706d703432000000006d70343269736f6d0000000866726565
+lua_bytes() { python3 -c 'import sys; print("\"" + "".join("\\%d" % b for b in bytes.fromhex(sys.argv[1])) + "\"")' "$1"; }
 BASE_C="$SCHEME://localhost:$HTTP"
 BASE_N="$SCHEME://localhost:$NGINX_PORT"
 
@@ -221,11 +223,11 @@ run_case() { # label size magic ctype name vid_conns
     local get
     get=$(slots "$name" "$size" "$ctype" 1)
     local f="$W/one-$label"
-    python3 -c "import sys; m=eval('b'+sys.argv[1]); open(sys.argv[2],'wb').write(m + b'0'*($size-len(m)))" "$magic" "$f"
-    curl -sk --http1.1 -o /dev/null -X PUT -H "Content-Type: $ctype" --data-binary @"$f" "$BASE_C/$get"
+    python3 -c "import sys; m=bytes.fromhex(sys.argv[1]); open(sys.argv[2],'wb').write(m + b'0'*($size-len(m)))" "$magic" "$f"
+    curl -sk --http1.1 -o /dev/null -X PUT -H "Content-Type: $ctype" --data-binary @"$f" "$BASE_C$get"
     local sha; sha=$(sha256sum "$f" | cut -d' ' -f1)
     local tier=bulk; [[ $ctype == image/* ]] && tier=fast
-    local dl_c="$BASE_C/${get%%\?*}" dl_n="$BASE_N/$tier/${sha:0:2}/${sha:2:2}/$sha"
+    local dl_c="$BASE_C${get%%\?*}" dl_n="$BASE_N/$tier/${sha:0:2}/${sha:2:2}/$sha"
     curl -skf -o /dev/null "$dl_c" && curl -skf -o /dev/null "$dl_n"
     echo "== $label download, chatd"
     out=$(wrk -t"$THREADS" -c"$conns" -d"${DUR}s" "$dl_c" 2>&1)

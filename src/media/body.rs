@@ -44,12 +44,7 @@ impl FileBody {
                 Part::File { len, .. } => *len,
             })
             .sum();
-        FileBody {
-            file: Arc::new(file),
-            parts: parts.into(),
-            pending: None,
-            remaining,
-        }
+        FileBody { file: Arc::new(file), parts: parts.into(), pending: None, remaining }
     }
 }
 
@@ -71,10 +66,7 @@ impl http_body::Body for FileBody {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         loop {
             if let Some(h) = this.pending.as_mut() {
@@ -156,11 +148,7 @@ pub fn parse_range(h: &str, len: u64) -> RangeRequest {
         };
         let (a, b) = (a.trim(), b.trim());
         let num = |s: &str| -> Option<u64> {
-            if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
-                None
-            } else {
-                s.parse().ok()
-            }
+            if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) { None } else { s.parse().ok() }
         };
         let r = if a.is_empty() {
             // Suffix: the last `b` bytes.
@@ -210,10 +198,7 @@ mod tests {
         assert_eq!(parse_range("bytes=500-", 1000), Partial(vec![(500, 999)]));
         assert_eq!(parse_range("bytes=-100", 1000), Partial(vec![(900, 999)]));
         assert_eq!(parse_range("bytes=-5000", 1000), Partial(vec![(0, 999)]));
-        assert_eq!(
-            parse_range("bytes=0-0, 10-2000", 1000),
-            Partial(vec![(0, 0), (10, 999)])
-        );
+        assert_eq!(parse_range("bytes=0-0, 10-2000", 1000), Partial(vec![(0, 0), (10, 999)]));
         assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
         assert_eq!(parse_range("bytes=5-1", 1000), Full);
         assert_eq!(parse_range("items=0-1", 1000), Full);
@@ -221,13 +206,7 @@ mod tests {
         assert_eq!(parse_range("bytes=+1-2", 1000), Full);
         assert_eq!(parse_range("bytes=", 1000), Full);
         assert_eq!(parse_range("bytes=0-18446744073709551616", 1000), Full);
-        let many = format!(
-            "bytes={}",
-            (0..20)
-                .map(|i| format!("{i}-{i}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let many = format!("bytes={}", (0..20).map(|i| format!("{i}-{i}")).collect::<Vec<_>>().join(","));
         assert_eq!(parse_range(&many, 1000), Full);
     }
 
@@ -241,15 +220,9 @@ mod tests {
             f,
             vec![
                 Part::Bytes(Bytes::from_static(b"<")),
-                Part::File {
-                    offset: 10,
-                    len: 300_000,
-                },
+                Part::File { offset: 10, len: 300_000 },
                 Part::Bytes(Bytes::from_static(b">")),
-                Part::File {
-                    offset: 599_990,
-                    len: 10,
-                },
+                Part::File { offset: 599_990, len: 10 },
             ],
         );
         assert_eq!(http_body::Body::size_hint(&body).exact(), Some(300_012));

@@ -5,7 +5,7 @@
 //! durably in its own fjall database, [`MemoryIndex`] in maps for tests.
 //! Read-modify-write sequences are serialised by the caller
 //! ([`super::Media`]); [`MediaIndex::apply`] writes a group of changes
-//! atomically and durably.
+//! atomically, [`MediaIndex::sync`] makes them durable.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -56,8 +56,10 @@ pub trait MediaIndex: Send + Sync {
     fn get_ref(&self, id: &str) -> Result<Option<RefRecord>>;
     fn get_blob(&self, sha256: &str) -> Result<Option<BlobRecord>>;
     fn usage(&self, account: &str) -> Result<u64>;
-    /// Applies `ops` atomically; durable when it returns.
+    /// Applies `ops` atomically; visible to reads when it returns.
     fn apply(&self, ops: &[Op]) -> Result<()>;
+    /// Makes every applied change durable.
+    fn sync(&self) -> Result<()>;
     /// Ids and records of references uploaded before `cutoff_ms`, oldest
     /// first, at most `limit`.
     fn uploaded_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<(String, RefRecord)>>;
@@ -108,11 +110,7 @@ impl FjallIndex {
             .manual_journal_persist(true)
             .open()
             .map_err(eng)?;
-        let opts = || {
-            KeyspaceCreateOptions::default()
-                .max_memtable_size(8 << 20)
-                .manual_journal_persist(true)
-        };
+        let opts = || KeyspaceCreateOptions::default().max_memtable_size(8 << 20).manual_journal_persist(true);
         Ok(FjallIndex {
             refs: db.keyspace("refs", opts).map_err(eng)?,
             blobs: db.keyspace("blobs", opts).map_err(eng)?,
@@ -125,29 +123,18 @@ impl FjallIndex {
 
 impl MediaIndex for FjallIndex {
     fn get_ref(&self, id: &str) -> Result<Option<RefRecord>> {
-        self.refs
-            .get(id)
-            .map_err(eng)?
-            .map(|v| from_json(&v))
-            .transpose()
+        self.refs.get(id).map_err(eng)?.map(|v| from_json(&v)).transpose()
     }
 
     fn get_blob(&self, sha256: &str) -> Result<Option<BlobRecord>> {
-        self.blobs
-            .get(sha256)
-            .map_err(eng)?
-            .map(|v| from_json(&v))
-            .transpose()
+        self.blobs.get(sha256).map_err(eng)?.map(|v| from_json(&v)).transpose()
     }
 
     fn usage(&self, account: &str) -> Result<u64> {
         match self.usage.get(account).map_err(eng)? {
             None => Ok(0),
             Some(v) => {
-                let b: [u8; 8] = v
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("usage".into()))?;
+                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt("usage".into()))?;
                 Ok(u64::from_be_bytes(b))
             }
         }
@@ -171,7 +158,10 @@ impl MediaIndex for FjallIndex {
                 Op::SetUsage(a, n) => b.insert(&self.usage, a.as_str(), n.to_be_bytes()),
             }
         }
-        b.commit().map_err(eng)?;
+        b.commit().map_err(eng)
+    }
+
+    fn sync(&self) -> Result<()> {
         self.db.persist(PersistMode::SyncData).map_err(eng)
     }
 
@@ -257,6 +247,10 @@ impl MediaIndex for MemoryIndex {
         Ok(())
     }
 
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn uploaded_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<(String, RefRecord)>> {
         let m = self.lock()?;
         Ok(m.by_time
@@ -281,12 +275,7 @@ mod tests {
             size: 3,
             uploaded_ms: ms,
         };
-        let blob = BlobRecord {
-            tier: Tier::Fast,
-            size: 3,
-            refs: 2,
-            created_ms: 1,
-        };
+        let blob = BlobRecord { tier: Tier::Fast, size: 3, refs: 2, created_ms: 1 };
         ix.apply(&[
             Op::PutRef("x".into(), r(10)),
             Op::PutRef("y".into(), r(20)),
@@ -297,19 +286,9 @@ mod tests {
         assert_eq!(ix.get_ref("x").unwrap(), Some(r(10)));
         assert_eq!(ix.get_blob("ab").unwrap(), Some(blob));
         assert_eq!(ix.usage("1555").unwrap(), 6);
-        let old: Vec<_> = ix
-            .uploaded_before(15, 10)
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let old: Vec<_> = ix.uploaded_before(15, 10).unwrap().into_iter().map(|(id, _)| id).collect();
         assert_eq!(old, vec!["x".to_string()]);
-        ix.apply(&[
-            Op::DelRef("x".into(), 10),
-            Op::SetUsage("1555".into(), 0),
-            Op::DelBlob("ab".into()),
-        ])
-        .unwrap();
+        ix.apply(&[Op::DelRef("x".into(), 10), Op::SetUsage("1555".into(), 0), Op::DelBlob("ab".into())]).unwrap();
         assert_eq!(ix.get_ref("x").unwrap(), None);
         assert_eq!(ix.usage("1555").unwrap(), 0);
         assert_eq!(ix.uploaded_before(u64::MAX, 10).unwrap().len(), 1);

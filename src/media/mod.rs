@@ -146,11 +146,7 @@ impl MediaConfig {
 }
 
 fn dir_or(s: &str, data_dir: &Path, leaf: &str) -> PathBuf {
-    if s.is_empty() {
-        data_dir.join("media").join(leaf)
-    } else {
-        PathBuf::from(s)
-    }
+    if s.is_empty() { data_dir.join("media").join(leaf) } else { PathBuf::from(s) }
 }
 
 /// The slot signing key: `slot_secret`, or the key in
@@ -167,9 +163,7 @@ pub fn load_secret(cfg: &MediaConfig, data_dir: &Path) -> anyhow::Result<Vec<u8>
     let dir = data_dir.join("media");
     let path = dir.join("slot.key");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        let key = b64
-            .decode(text.trim())
-            .with_context(|| format!("{} is not base64", path.display()))?;
+        let key = b64.decode(text.trim()).with_context(|| format!("{} is not base64", path.display()))?;
         if key.len() < 16 {
             bail!("{} holds a key shorter than 16 bytes", path.display());
         }
@@ -185,9 +179,7 @@ pub fn load_secret(cfg: &MediaConfig, data_dir: &Path) -> anyhow::Result<Vec<u8>
         opts.write(true).create(true).truncate(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = opts.open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(b64.encode(&key).as_bytes())?;
         f.sync_all()?;
     }

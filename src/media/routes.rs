@@ -18,6 +18,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
+use std::io::Read as _;
 use tokio::io::AsyncWriteExt;
 
 use super::body::{FileBody, Part, RangeRequest, parse_range};
@@ -28,23 +29,13 @@ use super::{Media, MediaConfig};
 
 /// The media routes, for [`crate::http::merge`].
 pub fn routes(media: Arc<Media>) -> Router {
-    Router::new()
-        .route(
-            "/media/{id}/{name}",
-            get(download).put(upload).delete(remove),
-        )
-        .with_state(media)
+    Router::new().route("/media/{id}/{name}", get(download).put(upload).delete(remove)).with_state(media)
 }
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     let mut m = msg.into();
     m.push('\n');
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        m,
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], m).into_response()
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -120,9 +111,8 @@ impl Reader {
             if self.min_rate > 0 {
                 // The moment the average rate would fall below the minimum
                 // if nothing more arrives.
-                let due = self.start
-                    + self.grace
-                    + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
+                let due =
+                    self.start + self.grace + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
                 let left = due.saturating_duration_since(Instant::now());
                 if left < wait {
                     wait = left;
@@ -133,19 +123,13 @@ impl Reader {
                 Err(_) if by_rate => {
                     return Err(Refuse(
                         StatusCode::REQUEST_TIMEOUT,
-                        format!(
-                            "upload too slow: less than {} bytes per second",
-                            self.min_rate
-                        ),
+                        format!("upload too slow: less than {} bytes per second", self.min_rate),
                     ));
                 }
                 Err(_) => {
                     return Err(Refuse(
                         StatusCode::REQUEST_TIMEOUT,
-                        format!(
-                            "upload stalled: no data for {} seconds",
-                            self.idle.as_secs()
-                        ),
+                        format!("upload stalled: no data for {} seconds", self.idle.as_secs()),
                     ));
                 }
                 Ok(None) => return Ok(None),
@@ -162,10 +146,7 @@ impl Reader {
             }
             self.received += data.len() as u64;
             if self.received > self.limit {
-                return Err(Refuse(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body longer than the slot size".into(),
-                ));
+                return Err(Refuse(StatusCode::PAYLOAD_TOO_LARGE, "body longer than the slot size".into()));
             }
             return Ok(Some(data));
         }
@@ -173,64 +154,40 @@ impl Reader {
 }
 
 /// Checks made before any of the body is read.
-fn precheck(
-    m: &Media,
-    id: &str,
-    name: &str,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> Result<Slot, Refuse> {
+fn precheck(m: &Media, id: &str, name: &str, uri: &Uri, headers: &HeaderMap) -> Result<Slot, Refuse> {
     let slot = verify(m, id, name, uri, false)?;
     let refuse = |st: StatusCode, msg: String| Err(Refuse(st, msg));
     let Some(cl) = headers.get(header::CONTENT_LENGTH) else {
-        return refuse(
-            StatusCode::LENGTH_REQUIRED,
-            "Content-Length is required".into(),
-        );
+        return refuse(StatusCode::LENGTH_REQUIRED, "Content-Length is required".into());
     };
     let Some(cl) = cl.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
         return refuse(StatusCode::BAD_REQUEST, "invalid Content-Length".into());
     };
     if cl > slot.size || cl > m.cfg.max_file_bytes {
-        let msg = format!(
-            "Content-Length {cl} exceeds the slot's size of {} bytes",
-            slot.size
-        );
+        let msg = format!("Content-Length {cl} exceeds the slot's size of {} bytes", slot.size);
         return refuse(StatusCode::PAYLOAD_TOO_LARGE, msg);
     }
     if cl < slot.size {
-        let msg = format!(
-            "Content-Length {cl} does not match the slot's size of {} bytes",
-            slot.size
-        );
+        let msg = format!("Content-Length {cl} does not match the slot's size of {} bytes", slot.size);
         return refuse(StatusCode::BAD_REQUEST, msg);
     }
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let declared = ct.to_str().ok().and_then(sniff::essence);
         if declared.as_deref() != Some(slot.content_type.as_str()) {
-            let msg = format!(
-                "Content-Type does not match the slot's {}",
-                slot.content_type
-            );
+            let msg = format!("Content-Type does not match the slot's {}", slot.content_type);
             return refuse(StatusCode::BAD_REQUEST, msg);
         }
     }
     match m.index.get_ref(&slot.id) {
         Ok(Some(_)) => {
-            return refuse(
-                StatusCode::CONFLICT,
-                "this upload slot has already been used".into(),
-            );
+            return refuse(StatusCode::CONFLICT, "this upload slot has already been used".into());
         }
         Ok(None) => {}
         Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e)),
     }
     match m.would_exceed_quota(&slot.account, slot.size) {
         Ok(false) => Ok(slot),
-        Ok(true) => refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "media quota exceeded for this account".into(),
-        ),
+        Ok(true) => refuse(StatusCode::PAYLOAD_TOO_LARGE, "media quota exceeded for this account".into()),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e)),
     }
 }
@@ -246,10 +203,8 @@ async fn refuse_early(r: Refuse, headers: &HeaderMap, mut body: Body) -> Respons
         .and_then(|v| v.trim().parse::<u64>().ok())
         .is_some_and(|n| n <= 1 << 20);
     if small && !expects {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while let Some(Ok(_)) = body.frame().await {}
-        })
-        .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = body.frame().await {} }).await;
     }
     r.into_response()
 }
@@ -326,11 +281,7 @@ async fn upload(
         return internal(e);
     }
     drop(file);
-    let sha: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let m2 = m.clone();
     let res = tokio::task::spawn_blocking(move || {
         let r = m2.commit(&slot, tier, &sha, &temp.0);
@@ -347,14 +298,8 @@ async fn upload(
             }
             r
         }
-        Ok(Err(CommitError::AlreadyUsed)) => err(
-            StatusCode::CONFLICT,
-            "this upload slot has already been used",
-        ),
-        Ok(Err(CommitError::Quota)) => err(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "media quota exceeded for this account",
-        ),
+        Ok(Err(CommitError::AlreadyUsed)) => err(StatusCode::CONFLICT, "this upload slot has already been used"),
+        Ok(Err(CommitError::Quota)) => err(StatusCode::PAYLOAD_TOO_LARGE, "media quota exceeded for this account"),
         Ok(Err(e)) => internal(e),
         Err(e) => internal(e),
     }
@@ -362,11 +307,7 @@ async fn upload(
 
 /// `DELETE` with the slot's signed PUT URL: the uploader withdraws the
 /// file (its content goes once nothing else references it).
-async fn remove(
-    State(m): State<Arc<Media>>,
-    Path((id, name)): Path<(String, String)>,
-    uri: Uri,
-) -> Response {
+async fn remove(State(m): State<Arc<Media>>, Path((id, name)): Path<(String, String)>, uri: Uri) -> Response {
     let slot = match verify(&m, &id, &name, &uri, true) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
@@ -384,10 +325,11 @@ async fn remove(
     }
 }
 
+/// Files up to this size are read in one piece.
+const SMALL_FILE: u64 = 256 * 1024;
+
 fn etag_matches(list: &str, etag: &str) -> bool {
-    list.split(',')
-        .map(str::trim)
-        .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
+    list.split(',').map(str::trim).any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
 async fn download(
@@ -405,8 +347,7 @@ async fn download(
     };
     let etag = format!("\"{}\"", r.sha256);
     let mut h = HeaderMap::new();
-    let ct = HeaderValue::from_str(&r.content_type)
-        .unwrap_or(HeaderValue::from_static(sniff::OCTET_STREAM));
+    let ct = HeaderValue::from_str(&r.content_type).unwrap_or(HeaderValue::from_static(sniff::OCTET_STREAM));
     let disposition = if r.content_type.starts_with("image/")
         || r.content_type.starts_with("audio/")
         || r.content_type.starts_with("video/")
@@ -418,47 +359,45 @@ async fn download(
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
-    h.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("private, max-age=31536000, immutable"),
-    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; sandbox"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "{disposition}; filename*=UTF-8''{}",
-        slot::escape(&r.filename)
-    )) {
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
+    if let Ok(v) = HeaderValue::from_str(&format!("{disposition}; filename*=UTF-8''{}", slot::escape(&r.filename))) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    if let Some(inm) = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
         && etag_matches(inm, &etag)
     {
         return (StatusCode::NOT_MODIFIED, h).into_response();
     }
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f.into_std().await,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            tracing::warn!(path = %path.display(), "indexed media file is missing");
-            return err(StatusCode::NOT_FOUND, "not found");
-        }
-        Err(e) => return internal(e),
-    };
     let len = r.size;
-    let if_range_ok = headers
-        .get(header::IF_RANGE)
-        .is_none_or(|v| v.to_str().is_ok_and(|v| v.trim() == etag));
+    let if_range_ok = headers.get(header::IF_RANGE).is_none_or(|v| v.to_str().is_ok_and(|v| v.trim() == etag));
     let ranges = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(spec) if if_range_ok => parse_range(spec, len),
         _ => RangeRequest::Full,
+    };
+    // One trip to the blocking pool: open, and read a small file whole.
+    let whole = ranges == RangeRequest::Full && len <= SMALL_FILE;
+    let p = path.clone();
+    let opened = tokio::task::spawn_blocking(move || -> std::io::Result<(std::fs::File, Option<Bytes>)> {
+        let f = std::fs::File::open(&p)?;
+        if !whole {
+            return Ok((f, None));
+        }
+        let mut v = Vec::with_capacity(len as usize);
+        std::io::Read::read_to_end(&mut (&f).take(len), &mut v)?;
+        Ok((f, Some(Bytes::from(v))))
+    })
+    .await;
+    let (file, data) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), "indexed media file is missing");
+            return err(StatusCode::NOT_FOUND, "not found");
+        }
+        Ok(Err(e)) => return internal(e),
+        Err(e) => return internal(e),
     };
     let set = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
@@ -469,45 +408,24 @@ async fn download(
         RangeRequest::Full => {
             h.insert(header::CONTENT_TYPE, ct);
             set(&mut h, header::CONTENT_LENGTH, len.to_string());
-            (
-                StatusCode::OK,
-                h,
-                Body::new(FileBody::new(file, vec![Part::File { offset: 0, len }])),
-            )
-                .into_response()
+            let body = match data {
+                Some(d) if d.len() as u64 == len => Body::from(d),
+                _ => Body::new(FileBody::new(file, vec![Part::File { offset: 0, len }])),
+            };
+            (StatusCode::OK, h, body).into_response()
         }
         RangeRequest::Unsatisfiable => {
             set(&mut h, header::CONTENT_RANGE, format!("bytes */{len}"));
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            (
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                h,
-                "requested range not satisfiable\n",
-            )
-                .into_response()
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            (StatusCode::RANGE_NOT_SATISFIABLE, h, "requested range not satisfiable\n").into_response()
         }
         RangeRequest::Partial(rs) if rs.len() == 1 => {
             let (s, e) = rs[0];
             h.insert(header::CONTENT_TYPE, ct);
-            set(
-                &mut h,
-                header::CONTENT_RANGE,
-                format!("bytes {s}-{e}/{len}"),
-            );
+            set(&mut h, header::CONTENT_RANGE, format!("bytes {s}-{e}/{len}"));
             set(&mut h, header::CONTENT_LENGTH, (e - s + 1).to_string());
-            let parts = vec![Part::File {
-                offset: s,
-                len: e - s + 1,
-            }];
-            (
-                StatusCode::PARTIAL_CONTENT,
-                h,
-                Body::new(FileBody::new(file, parts)),
-            )
-                .into_response()
+            let parts = vec![Part::File { offset: s, len: e - s + 1 }];
+            (StatusCode::PARTIAL_CONTENT, h, Body::new(FileBody::new(file, parts))).into_response()
         }
         RangeRequest::Partial(rs) => {
             let boundary = slot::new_id();
@@ -515,31 +433,18 @@ async fn download(
             let mut parts = Vec::with_capacity(rs.len() * 2 + 1);
             let mut total = 0u64;
             for (s, e) in rs {
-                let head = format!(
-                    "\r\n--{boundary}\r\nContent-Type: {ctype}\r\nContent-Range: bytes {s}-{e}/{len}\r\n\r\n"
-                );
+                let head =
+                    format!("\r\n--{boundary}\r\nContent-Type: {ctype}\r\nContent-Range: bytes {s}-{e}/{len}\r\n\r\n");
                 total += head.len() as u64 + (e - s + 1);
                 parts.push(Part::Bytes(Bytes::from(head)));
-                parts.push(Part::File {
-                    offset: s,
-                    len: e - s + 1,
-                });
+                parts.push(Part::File { offset: s, len: e - s + 1 });
             }
             let tail = format!("\r\n--{boundary}--\r\n");
             total += tail.len() as u64;
             parts.push(Part::Bytes(Bytes::from(tail)));
-            set(
-                &mut h,
-                header::CONTENT_TYPE,
-                format!("multipart/byteranges; boundary={boundary}"),
-            );
+            set(&mut h, header::CONTENT_TYPE, format!("multipart/byteranges; boundary={boundary}"));
             set(&mut h, header::CONTENT_LENGTH, total.to_string());
-            (
-                StatusCode::PARTIAL_CONTENT,
-                h,
-                Body::new(FileBody::new(file, parts)),
-            )
-                .into_response()
+            (StatusCode::PARTIAL_CONTENT, h, Body::new(FileBody::new(file, parts))).into_response()
         }
     }
 }

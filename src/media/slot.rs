@@ -19,11 +19,7 @@ use sha2::Sha256;
 use super::{Media, MediaConfig, sniff};
 
 /// Characters escaped in URL path segments and query values.
-const ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const ESCAPE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Longest file name kept in a slot, in bytes.
 pub const MAX_NAME: usize = 200;
@@ -73,10 +69,7 @@ pub fn escape(s: &str) -> String {
 
 /// Whether `id` has the shape of a slot id (22 base64url characters).
 pub fn valid_id(id: &str) -> bool {
-    id.len() == 22
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    id.len() == 22 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A fresh random slot id.
@@ -89,13 +82,7 @@ pub fn new_id() -> String {
 /// The query string of a signed PUT URL.
 pub fn sign(key: &[u8], s: &Slot) -> String {
     let sig = URL_SAFE_NO_PAD.encode(mac(key, s).finalize().into_bytes());
-    format!(
-        "exp={}&size={}&type={}&acct={}&sig={sig}",
-        s.expires,
-        s.size,
-        escape(&s.content_type),
-        escape(&s.account)
-    )
+    format!("exp={}&size={}&type={}&acct={}&sig={sig}", s.expires, s.size, escape(&s.content_type), escape(&s.account))
 }
 
 /// Checks a PUT request's slot: `id` and `filename` from the (decoded)
@@ -103,20 +90,12 @@ pub fn sign(key: &[u8], s: &Slot) -> String {
 ///
 /// # Errors
 /// A missing or malformed field, a wrong signature, or an expired slot.
-pub fn verify(
-    key: &[u8],
-    id: &str,
-    filename: &str,
-    query: &str,
-    now_secs: u64,
-) -> Result<Slot, VerifyError> {
+pub fn verify(key: &[u8], id: &str, filename: &str, query: &str, now_secs: u64) -> Result<Slot, VerifyError> {
     let (mut exp, mut size, mut ctype, mut acct, mut sig) = (None, None, None, None, None);
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode_str(v)
-            .decode_utf8()
-            .map_err(|_| VerifyError::Malformed("query is not UTF-8"))?
-            .into_owned();
+        let v =
+            percent_decode_str(v).decode_utf8().map_err(|_| VerifyError::Malformed("query is not UTF-8"))?.into_owned();
         let slot = match k {
             "exp" => &mut exp,
             "size" => &mut size,
@@ -129,11 +108,8 @@ pub fn verify(
             return Err(VerifyError::Malformed("repeated query parameter"));
         }
     }
-    let (Some(exp), Some(size), Some(ctype), Some(acct), Some(sig)) = (exp, size, ctype, acct, sig)
-    else {
-        return Err(VerifyError::Malformed(
-            "the URL is not a signed upload slot",
-        ));
+    let (Some(exp), Some(size), Some(ctype), Some(acct), Some(sig)) = (exp, size, ctype, acct, sig) else {
+        return Err(VerifyError::Malformed("the URL is not a signed upload slot"));
     };
     if !valid_id(id) {
         return Err(VerifyError::Malformed("bad slot id"));
@@ -142,20 +118,12 @@ pub fn verify(
         id: id.to_string(),
         account: acct,
         filename: filename.to_string(),
-        size: size
-            .parse()
-            .map_err(|_| VerifyError::Malformed("bad size"))?,
+        size: size.parse().map_err(|_| VerifyError::Malformed("bad size"))?,
         content_type: ctype,
-        expires: exp
-            .parse()
-            .map_err(|_| VerifyError::Malformed("bad expiry"))?,
+        expires: exp.parse().map_err(|_| VerifyError::Malformed("bad expiry"))?,
     };
-    let sig = URL_SAFE_NO_PAD
-        .decode(sig)
-        .map_err(|_| VerifyError::BadSignature)?;
-    mac(key, &s)
-        .verify_slice(&sig)
-        .map_err(|_| VerifyError::BadSignature)?;
+    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| VerifyError::BadSignature)?;
+    mac(key, &s).verify_slice(&sig).map_err(|_| VerifyError::BadSignature)?;
     if now_secs > s.expires {
         return Err(VerifyError::Expired);
     }
@@ -175,11 +143,7 @@ pub fn clean_filename(name: &str) -> Option<String> {
         out.push(c);
     }
     let out = out.trim().to_string();
-    if out.is_empty() || out == "." || out == ".." {
-        None
-    } else {
-        Some(out)
-    }
+    if out.is_empty() || out == "." || out == ".." { None } else { Some(out) }
 }
 
 /// Why a slot request is refused.
@@ -232,12 +196,8 @@ impl Issuer {
         size: &str,
         content_type: Option<&str>,
     ) -> Result<Urls, Refusal> {
-        let filename =
-            clean_filename(filename).ok_or(Refusal::BadRequest("missing or empty filename"))?;
-        let size: u64 = size
-            .trim()
-            .parse()
-            .map_err(|_| Refusal::BadRequest("size must be a number of bytes"))?;
+        let filename = clean_filename(filename).ok_or(Refusal::BadRequest("missing or empty filename"))?;
+        let size: u64 = size.trim().parse().map_err(|_| Refusal::BadRequest("size must be a number of bytes"))?;
         if size == 0 {
             return Err(Refusal::BadRequest("empty files cannot be uploaded"));
         }
@@ -246,9 +206,7 @@ impl Issuer {
         }
         let content_type = match content_type {
             None | Some("") => sniff::OCTET_STREAM.to_string(),
-            Some(t) => {
-                sniff::essence(t).ok_or(Refusal::BadRequest("content-type is not a MIME type"))?
-            }
+            Some(t) => sniff::essence(t).ok_or(Refusal::BadRequest("content-type is not a MIME type"))?,
         };
         if let Some(m) = &self.local {
             match m.would_exceed_quota(account, size) {
@@ -295,53 +253,23 @@ mod tests {
         let s = slot();
         let q = sign(k, &s);
         assert_eq!(verify(k, &s.id, &s.filename, &q, 999), Ok(s.clone()));
-        assert_eq!(
-            verify(k, &s.id, &s.filename, &q, 1001),
-            Err(VerifyError::Expired)
-        );
-        assert_eq!(
-            verify(b"another key 12345", &s.id, &s.filename, &q, 999),
-            Err(VerifyError::BadSignature)
-        );
-        assert_eq!(
-            verify(k, &s.id, "other.jpg", &q, 999),
-            Err(VerifyError::BadSignature)
-        );
+        assert_eq!(verify(k, &s.id, &s.filename, &q, 1001), Err(VerifyError::Expired));
+        assert_eq!(verify(b"another key 12345", &s.id, &s.filename, &q, 999), Err(VerifyError::BadSignature));
+        assert_eq!(verify(k, &s.id, "other.jpg", &q, 999), Err(VerifyError::BadSignature));
         let bigger = q.replace("size=1234", "size=1235");
-        assert_eq!(
-            verify(k, &s.id, &s.filename, &bigger, 999),
-            Err(VerifyError::BadSignature)
-        );
+        assert_eq!(verify(k, &s.id, &s.filename, &bigger, 999), Err(VerifyError::BadSignature));
         let other = q.replace("acct=15551234567", "acct=15550000000");
-        assert_eq!(
-            verify(k, &s.id, &s.filename, &other, 999),
-            Err(VerifyError::BadSignature)
-        );
+        assert_eq!(verify(k, &s.id, &s.filename, &other, 999), Err(VerifyError::BadSignature));
         let later = q.replace("exp=1000", "exp=99999");
-        assert_eq!(
-            verify(k, &s.id, &s.filename, &later, 999),
-            Err(VerifyError::BadSignature)
-        );
-        assert!(matches!(
-            verify(k, &s.id, &s.filename, "exp=1", 0),
-            Err(VerifyError::Malformed(_))
-        ));
-        assert!(matches!(
-            verify(k, "../../etc", &s.filename, &q, 0),
-            Err(VerifyError::Malformed(_))
-        ));
-        assert!(matches!(
-            verify(k, &s.id, &s.filename, &format!("{q}&sig=x"), 0),
-            Err(VerifyError::Malformed(_))
-        ));
+        assert_eq!(verify(k, &s.id, &s.filename, &later, 999), Err(VerifyError::BadSignature));
+        assert!(matches!(verify(k, &s.id, &s.filename, "exp=1", 0), Err(VerifyError::Malformed(_))));
+        assert!(matches!(verify(k, "../../etc", &s.filename, &q, 0), Err(VerifyError::Malformed(_))));
+        assert!(matches!(verify(k, &s.id, &s.filename, &format!("{q}&sig=x"), 0), Err(VerifyError::Malformed(_))));
     }
 
     #[test]
     fn filenames_are_cleaned() {
-        assert_eq!(
-            clean_filename("../../etc/passwd").as_deref(),
-            Some("passwd")
-        );
+        assert_eq!(clean_filename("../../etc/passwd").as_deref(), Some("passwd"));
         assert_eq!(clean_filename("C:\\x\\a b.png").as_deref(), Some("a b.png"));
         assert_eq!(clean_filename("a\u{0}b\nc").as_deref(), Some("abc"));
         assert_eq!(clean_filename(".."), None);

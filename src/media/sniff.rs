@@ -34,9 +34,7 @@ impl Tier {
 }
 
 fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
 }
 
 /// The lower-cased `type/subtype` of a MIME type (parameters dropped),
@@ -52,11 +50,7 @@ pub fn essence(ct: &str) -> Option<String> {
 
 /// The tier a declared content type is stored in.
 pub fn tier_for(content_type: &str) -> Tier {
-    if content_type.starts_with("image/") {
-        Tier::Fast
-    } else {
-        Tier::Bulk
-    }
+    if content_type.starts_with("image/") { Tier::Fast } else { Tier::Bulk }
 }
 
 /// One name per image format, whatever the spelling.

@@ -13,6 +13,12 @@ use super::{MediaConfig, Tier};
 use crate::config::Config;
 use crate::storage::StoreError;
 
+const STRIPES: usize = 64;
+
+fn stripe_of(sha256: &str) -> usize {
+    sha256.get(0..2).and_then(|h| usize::from_str_radix(h, 16).ok()).unwrap_or(0) % STRIPES
+}
+
 /// Why an upload could not be committed.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -40,7 +46,11 @@ pub struct Media {
     fast: PathBuf,
     bulk: PathBuf,
     pub index: Arc<dyn MediaIndex>,
-    /// Serialises read-modify-write of the index and blob files.
+    /// Serialises creating and deleting the blob files of one stripe of
+    /// hashes (and their records).
+    stripes: Vec<Mutex<()>>,
+    /// Serialises read-modify-write of the index; held only for index
+    /// reads and in-memory batch commits, never across an fsync.
     lock: Mutex<()>,
     /// Slot signing key.
     pub key: Vec<u8>,
@@ -56,16 +66,9 @@ impl Media {
     pub fn open(cfg: &Config) -> anyhow::Result<Arc<Media>> {
         let m = &cfg.media;
         let dir = cfg.data_dir.join("media").join("index");
-        let index = FjallIndex::open(&dir)
-            .with_context(|| format!("opening media index in {}", dir.display()))?;
+        let index = FjallIndex::open(&dir).with_context(|| format!("opening media index in {}", dir.display()))?;
         let key = super::load_secret(m, &cfg.data_dir)?;
-        let media = Media::new(
-            m.clone(),
-            m.fast_dir(&cfg.data_dir),
-            m.bulk_dir(&cfg.data_dir),
-            Arc::new(index),
-            key,
-        )?;
+        let media = Media::new(m.clone(), m.fast_dir(&cfg.data_dir), m.bulk_dir(&cfg.data_dir), Arc::new(index), key)?;
         tracing::info!(fast = %media.fast.display(), bulk = %media.bulk.display(), "media tiers");
         Ok(Arc::new(media))
     }
@@ -96,6 +99,7 @@ impl Media {
             fast,
             bulk,
             index,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             lock: Mutex::new(()),
             key,
         })
@@ -119,13 +123,15 @@ impl Media {
     /// A fresh temporary file name in the tier (same file system as the
     /// blobs, so the final rename is atomic).
     pub fn temp_path(&self, tier: Tier) -> PathBuf {
-        self.dir(tier)
-            .join("tmp")
-            .join(format!("{}.part", super::slot::new_id()))
+        self.dir(tier).join("tmp").join(format!("{}.part", super::slot::new_id()))
     }
 
     fn guard(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
         self.lock.lock().map_err(|_| StoreError::Closed)
+    }
+
+    fn stripe(&self, i: usize) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
+        self.stripes[i % STRIPES].lock().map_err(|_| StoreError::Closed)
     }
 
     /// Whether `size` more bytes would take `account` over its quota.
@@ -159,63 +165,87 @@ impl Media {
     /// # Errors
     /// The slot was used already, the quota is exhausted, IO or index
     /// failure.
-    pub fn commit(
-        &self,
-        slot: &Slot,
-        tier: Tier,
-        sha256: &str,
-        temp: &Path,
-    ) -> Result<Committed, CommitError> {
-        let _g = self.guard()?;
-        if self.index.get_ref(&slot.id)?.is_some() {
-            return Err(CommitError::AlreadyUsed);
+    pub fn commit(&self, slot: &Slot, tier: Tier, sha256: &str, temp: &Path) -> Result<Committed, CommitError> {
+        let _s = self.stripe(stripe_of(sha256))?;
+        let quick = {
+            let _g = self.guard()?;
+            if self.index.get_ref(&slot.id)?.is_some() {
+                Some(CommitError::AlreadyUsed)
+            } else if self.index.usage(&slot.account)?.saturating_add(slot.size) > self.cfg.quota_bytes {
+                Some(CommitError::Quota)
+            } else {
+                None
+            }
+        };
+        if let Some(e) = quick {
+            return Err(e);
         }
-        let usage = self.index.usage(&slot.account)?;
-        if usage.saturating_add(slot.size) > self.cfg.quota_bytes {
-            return Err(CommitError::Quota);
+        // Only this stripe creates or deletes this hash's file and record,
+        // so what is read here holds until the stripe is released.
+        let record = self.index.get_blob(sha256)?;
+        let existing = record.clone().filter(|b| self.blob_path(b.tier, sha256).is_file());
+        let mut created = None;
+        if existing.is_none() {
+            let dest = self.blob_path(tier, sha256);
+            let parent = dest.parent().unwrap_or(self.dir(tier)).to_path_buf();
+            std::fs::create_dir_all(&parent)?;
+            std::fs::rename(temp, &dest)?;
+            // The rename is durable before any record names the file.
+            sync_dir(&parent);
+            created = Some(dest);
         }
         let now = super::now_ms();
-        let existing = self
-            .index
-            .get_blob(sha256)?
-            .filter(|b| self.blob_path(b.tier, sha256).is_file());
-        let (blob, deduplicated) = match existing {
-            Some(mut b) => {
-                b.refs += 1;
-                (b, true)
-            }
-            None => {
-                let dest = self.blob_path(tier, sha256);
-                let parent = dest.parent().unwrap_or(self.dir(tier));
-                std::fs::create_dir_all(parent)?;
-                std::fs::rename(temp, &dest)?;
-                sync_dir(parent);
-                (
-                    BlobRecord {
-                        tier,
-                        size: slot.size,
-                        refs: 1,
-                        created_ms: now,
-                    },
-                    false,
-                )
+        let outcome = {
+            let _g = self.guard()?;
+            let usage = self.index.usage(&slot.account)?;
+            if self.index.get_ref(&slot.id)?.is_some() {
+                Err(CommitError::AlreadyUsed)
+            } else if usage.saturating_add(slot.size) > self.cfg.quota_bytes {
+                Err(CommitError::Quota)
+            } else {
+                let (blob, deduplicated) = match existing {
+                    Some(mut b) => {
+                        b.refs += 1;
+                        (b, true)
+                    }
+                    // A record whose file had gone keeps its count.
+                    None => {
+                        let refs = record.map_or(1, |b| b.refs + 1);
+                        (BlobRecord { tier, size: slot.size, refs, created_ms: now }, false)
+                    }
+                };
+                let tier = blob.tier;
+                let r = RefRecord {
+                    sha256: sha256.to_string(),
+                    account: slot.account.clone(),
+                    filename: slot.filename.clone(),
+                    content_type: slot.content_type.clone(),
+                    size: slot.size,
+                    uploaded_ms: now,
+                };
+                self.index
+                    .apply(&[
+                        Op::PutRef(slot.id.clone(), r),
+                        Op::PutBlob(sha256.to_string(), blob),
+                        Op::SetUsage(slot.account.clone(), usage.saturating_add(slot.size)),
+                    ])
+                    .map(|_| Committed { tier, deduplicated })
+                    .map_err(CommitError::from)
             }
         };
-        let tier = blob.tier;
-        let r = RefRecord {
-            sha256: sha256.to_string(),
-            account: slot.account.clone(),
-            filename: slot.filename.clone(),
-            content_type: slot.content_type.clone(),
-            size: slot.size,
-            uploaded_ms: now,
-        };
-        self.index.apply(&[
-            Op::PutRef(slot.id.clone(), r),
-            Op::PutBlob(sha256.to_string(), blob),
-            Op::SetUsage(slot.account.clone(), usage.saturating_add(slot.size)),
-        ])?;
-        Ok(Committed { tier, deduplicated })
+        match outcome {
+            Ok(c) => {
+                drop(_s);
+                self.index.sync()?;
+                Ok(c)
+            }
+            Err(e) => {
+                if let Some(p) = created {
+                    let _ = std::fs::remove_file(p);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Drops references; blobs left without any are deleted. Returns how
@@ -224,50 +254,74 @@ impl Media {
     /// # Errors
     /// Index failure (nothing is deleted then).
     pub fn release(&self, ids: &[String]) -> Result<usize, StoreError> {
-        let _g = self.guard()?;
-        let mut ops = Vec::new();
-        let mut blobs: HashMap<String, Option<BlobRecord>> = HashMap::new();
-        let mut usage: HashMap<String, u64> = HashMap::new();
-        let mut n = 0;
-        for id in ids {
-            let Some(r) = self.index.get_ref(id)? else {
-                continue;
-            };
-            n += 1;
-            ops.push(Op::DelRef(id.clone(), r.uploaded_ms));
-            if !blobs.contains_key(&r.sha256) {
-                let b = self.index.get_blob(&r.sha256)?;
-                blobs.insert(r.sha256.clone(), b);
+        // The stripes of every blob involved, in order (no deadlock).
+        let mut stripes: Vec<usize> = {
+            let _g = self.guard()?;
+            let mut v = Vec::new();
+            for id in ids {
+                if let Some(r) = self.index.get_ref(id)? {
+                    v.push(stripe_of(&r.sha256));
+                }
             }
-            if let Some(Some(b)) = blobs.get_mut(&r.sha256) {
-                b.refs = b.refs.saturating_sub(1);
-            }
-            if !usage.contains_key(&r.account) {
-                let u = self.index.usage(&r.account)?;
-                usage.insert(r.account.clone(), u);
-            }
-            if let Some(u) = usage.get_mut(&r.account) {
-                *u = u.saturating_sub(r.size);
-            }
+            v
+        };
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut held = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            held.push(self.stripe(i)?);
         }
+        let mut doomed = Vec::new();
+        let n = {
+            let _g = self.guard()?;
+            let mut ops = Vec::new();
+            let mut blobs: HashMap<String, Option<BlobRecord>> = HashMap::new();
+            let mut usage: HashMap<String, u64> = HashMap::new();
+            let mut n = 0;
+            for id in ids {
+                let Some(r) = self.index.get_ref(id)? else {
+                    continue;
+                };
+                n += 1;
+                ops.push(Op::DelRef(id.clone(), r.uploaded_ms));
+                if !blobs.contains_key(&r.sha256) {
+                    let b = self.index.get_blob(&r.sha256)?;
+                    blobs.insert(r.sha256.clone(), b);
+                }
+                if let Some(Some(b)) = blobs.get_mut(&r.sha256) {
+                    b.refs = b.refs.saturating_sub(1);
+                }
+                if !usage.contains_key(&r.account) {
+                    let u = self.index.usage(&r.account)?;
+                    usage.insert(r.account.clone(), u);
+                }
+                if let Some(u) = usage.get_mut(&r.account) {
+                    *u = u.saturating_sub(r.size);
+                }
+            }
+            for (h, b) in blobs {
+                match b {
+                    Some(b) if b.refs == 0 => {
+                        doomed.push(self.blob_path(b.tier, &h));
+                        ops.push(Op::DelBlob(h));
+                    }
+                    Some(b) => ops.push(Op::PutBlob(h, b)),
+                    None => {}
+                }
+            }
+            ops.extend(usage.into_iter().map(|(a, u)| Op::SetUsage(a, u)));
+            if n > 0 {
+                self.index.apply(&ops)?;
+            }
+            n
+        };
         if n == 0 {
             return Ok(0);
         }
-        let mut doomed = Vec::new();
-        for (h, b) in blobs {
-            match b {
-                Some(b) if b.refs == 0 => {
-                    doomed.push(self.blob_path(b.tier, &h));
-                    ops.push(Op::DelBlob(h));
-                }
-                Some(b) => ops.push(Op::PutBlob(h, b)),
-                None => {}
-            }
-        }
-        ops.extend(usage.into_iter().map(|(a, u)| Op::SetUsage(a, u)));
-        self.index.apply(&ops)?;
-        // Records first, files second: a crash in between leaves an
-        // unindexed file, never a record without its file.
+        // Records first, files second (the stripes are still held): a
+        // crash in between leaves an unindexed file, never a record
+        // without its file.
+        self.index.sync()?;
         for p in doomed {
             if let Err(e) = std::fs::remove_file(&p)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -275,6 +329,7 @@ impl Media {
                 tracing::warn!(path = %p.display(), error = %e, "could not delete media file");
             }
         }
+        drop(held);
         Ok(n)
     }
 
@@ -286,12 +341,8 @@ impl Media {
     pub fn expire(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
         let mut total = 0;
         loop {
-            let batch: Vec<String> = self
-                .index
-                .uploaded_before(cutoff_ms, 500)?
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect();
+            let batch: Vec<String> =
+                self.index.uploaded_before(cutoff_ms, 500)?.into_iter().map(|(id, _)| id).collect();
             if batch.is_empty() {
                 return Ok(total);
             }
@@ -312,21 +363,12 @@ mod tests {
     use super::*;
 
     fn media(quota: u64) -> (Media, PathBuf) {
-        let root =
-            std::env::temp_dir().join(format!("chatd-media-store-{}-{quota}", std::process::id()));
+        let root = std::env::temp_dir().join(format!("chatd-media-store-{}-{quota}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let cfg = MediaConfig {
-            quota_bytes: quota,
-            ..Default::default()
-        };
-        let m = Media::new(
-            cfg,
-            root.join("fast"),
-            root.join("bulk"),
-            Arc::new(MemoryIndex::default()),
-            b"k".repeat(16),
-        )
-        .unwrap();
+        let cfg = MediaConfig { quota_bytes: quota, ..Default::default() };
+        let m =
+            Media::new(cfg, root.join("fast"), root.join("bulk"), Arc::new(MemoryIndex::default()), b"k".repeat(16))
+                .unwrap();
         (m, root)
     }
 
@@ -353,27 +395,14 @@ mod tests {
         let h = "ab".repeat(32);
         let t1 = temp(&m, Tier::Fast, b"abc");
         let c = m.commit(&slot("one", 3), Tier::Fast, &h, &t1).unwrap();
-        assert_eq!(
-            c,
-            Committed {
-                tier: Tier::Fast,
-                deduplicated: false
-            }
-        );
+        assert_eq!(c, Committed { tier: Tier::Fast, deduplicated: false });
         let path = m.blob_path(Tier::Fast, &h);
         assert!(path.is_file());
         assert!(path.starts_with(root.join("fast").join("ab").join("ab")));
         let t2 = temp(&m, Tier::Fast, b"abc");
-        assert!(
-            m.commit(&slot("two", 3), Tier::Fast, &h, &t2)
-                .unwrap()
-                .deduplicated
-        );
+        assert!(m.commit(&slot("two", 3), Tier::Fast, &h, &t2).unwrap().deduplicated);
         assert!(t2.exists(), "the caller removes an unused temporary file");
-        assert!(matches!(
-            m.commit(&slot("two", 3), Tier::Fast, &h, &t2),
-            Err(CommitError::AlreadyUsed)
-        ));
+        assert!(matches!(m.commit(&slot("two", 3), Tier::Fast, &h, &t2), Err(CommitError::AlreadyUsed)));
         assert_eq!(m.index.get_blob(&h).unwrap().unwrap().refs, 2);
         assert_eq!(m.index.usage("1555").unwrap(), 6);
         assert_eq!(m.release(&["one".into()]).unwrap(), 1);
@@ -389,14 +418,10 @@ mod tests {
     fn quota_and_expiry() {
         let (m, root) = media(5);
         let t = temp(&m, Tier::Bulk, b"abc");
-        m.commit(&slot("one", 3), Tier::Bulk, &"cd".repeat(32), &t)
-            .unwrap();
+        m.commit(&slot("one", 3), Tier::Bulk, &"cd".repeat(32), &t).unwrap();
         assert!(m.would_exceed_quota("1555", 3).unwrap());
         let t = temp(&m, Tier::Bulk, b"xyz");
-        assert!(matches!(
-            m.commit(&slot("two", 3), Tier::Bulk, &"ef".repeat(32), &t),
-            Err(CommitError::Quota)
-        ));
+        assert!(matches!(m.commit(&slot("two", 3), Tier::Bulk, &"ef".repeat(32), &t), Err(CommitError::Quota)));
         assert_eq!(m.expire(1).unwrap(), 0);
         assert_eq!(m.expire(u64::MAX).unwrap(), 1);
         assert!(!m.blob_path(Tier::Bulk, &"cd".repeat(32)).exists());
