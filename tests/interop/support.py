@@ -156,6 +156,29 @@ class ChatdServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def holds_connection(self, client_port: int) -> bool:
+        """Whether the server process still has the TCP connection from
+        `client_port` open (Linux: /proc/net/tcp and /proc/PID/fd)."""
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                rows = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for row in rows:
+                f = row.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == self.c2s_port and int(f[2].rsplit(":", 1)[1], 16) == client_port:
+                    inodes.add(f[9])
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        for fd in fd_dir.iterdir():
+            try:
+                m = re.match(r"socket:\[(\d+)\]", os.readlink(fd))
+            except OSError:
+                continue
+            if m and m.group(1) in inodes:
+                return True
+        return False
+
     def log_tail(self, n: int = 60) -> str:
         out = []
         for p in self.log_paths[-2:]:

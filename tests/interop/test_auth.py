@@ -108,3 +108,79 @@ async def test_repeated_failures_end_the_stream(pserver):
     # The account is not locked out.
     raw2 = await RawClient(pserver.host, pserver.c2s_port).open()
     await raw2.login(ALICE, PASSWORD, starttls=False)
+
+
+def _scram_messages(hash_name, user, password, gs2, nonce):
+    """A small SCRAM client (RFC 5802): returns a function computing the
+    client-final message and expected server signature from server-first."""
+    import hashlib
+    import hmac
+
+    def h(data):
+        return hashlib.new(hash_name, data).digest()
+
+    def mac(key, data):
+        return hmac.new(key, data, hash_name).digest()
+
+    first_bare = f"n={user},r={nonce}"
+
+    def final(server_first: str):
+        attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+        assert attrs["r"].startswith(nonce), server_first
+        salted = hashlib.pbkdf2_hmac(hash_name, password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"]))
+        client_key = mac(salted, b"Client Key")
+        without_proof = f"c={base64.b64encode(gs2.encode()).decode()},r={attrs['r']}"
+        auth = f"{first_bare},{server_first},{without_proof}".encode()
+        proof = bytes(a ^ b for a, b in zip(client_key, mac(h(client_key), auth)))
+        server_sig = mac(mac(salted, b"Server Key"), auth)
+        return f"{without_proof},p={base64.b64encode(proof).decode()}", base64.b64encode(server_sig).decode()
+
+    return gs2 + first_bare, final
+
+
+async def _scram_login(raw, mech, gs2, password=PASSWORD):
+    hash_name = "sha256" if "256" in mech else "sha1"
+    first, final = _scram_messages(hash_name, local_of(ALICE), password, gs2, "rawnonce123456")
+    raw.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{mech}'>"
+             f"{base64.b64encode(first.encode()).decode()}</auth>")
+    m = await raw.expect(r"<challenge\b[^>]*>([^<]*)</challenge>|<failure\b.*?</failure>")
+    if m.group(0).startswith("<failure"):
+        return m.group(0), None
+    client_final, server_sig = final(base64.b64decode(m.group(1)).decode())
+    raw.send(f"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+             f"{base64.b64encode(client_final.encode()).decode()}</response>")
+    m = await raw.expect(r"<success\b[^>]*>([^<]*)</success>|<success\b[^>]*/>|<failure\b.*?</failure>")
+    return m.group(0), (server_sig, m.group(1))
+
+
+@pytest.mark.parametrize("mech", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+async def test_scram_raw_mutual_auth(server, mech):
+    raw = await RawClient(server.host, server.c2s_port).open()
+    await raw.open_stream()
+    await raw.starttls()
+    await raw.open_stream()
+    result, sigs = await _scram_login(raw, mech, "n,,")
+    assert result.startswith("<success"), result
+    expected, got = sigs
+    assert base64.b64decode(got).decode() == f"v={expected}", "server signature does not verify"
+
+
+async def test_scram_rejects_channel_binding_downgrade(server):
+    """The client says it supports channel binding but believes the server
+    does not ('y'), while the server did offer -PLUS: authentication fails."""
+    raw = await RawClient(server.host, server.c2s_port).open()
+    await raw.open_stream()
+    await raw.starttls()
+    feats = await raw.open_stream()
+    assert ">SCRAM-SHA-256-PLUS<" in feats, feats
+    result, _ = await _scram_login(raw, "SCRAM-SHA-256", "y,,")
+    assert result.startswith("<failure"), f"downgrade accepted: {result}"
+
+
+async def test_scram_wrong_password_raw(server):
+    raw = await RawClient(server.host, server.c2s_port).open()
+    await raw.open_stream()
+    await raw.starttls()
+    await raw.open_stream()
+    result, _ = await _scram_login(raw, "SCRAM-SHA-256", "n,,", password="wrong")
+    assert result.startswith("<failure") and "not-authorized" in result, result

@@ -1,7 +1,10 @@
 """Timeouts and resource limits from the configuration."""
 
 import asyncio
+import os
 import time
+
+import pytest
 
 from support import ALICE, BOB, CAROL, Client, RawClient, bare, client_ssl_context, DOMAIN
 
@@ -147,6 +150,43 @@ async def test_idle_ping_timeout_closes_dead_client(make_server):
         await c.ping_server()
     live.chat(bare(BOB) + "/watcher", "alive")
     assert (await watcher.next_message())["body"] == "alive"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
+@pytest.mark.timeout_s(60)
+async def test_client_that_stops_reading_is_disconnected(make_server):
+    """A client that stops reading its socket must not hold its connection
+    forever: the sender is never blocked, the reader is dropped (as a slow
+    consumer, or by the ping timeout), and every message stays stored."""
+    srv = make_server({"limits": {"ping_interval_secs": 1, "ping_timeout_secs": 1, "session_queue": 16}},
+                      plaintext=True)
+    a = await Client(srv, ALICE).login()
+    raw = RawClient(srv.host, srv.c2s_port)
+    await raw.login(BOB, starttls=False, resource="stuck")
+    raw.send("<presence/>")
+    await raw.drain()
+    await asyncio.sleep(0.2)
+    client_port = raw.writer.get_extra_info("sockname")[1]
+    assert srv.holds_connection(client_port)
+    raw.writer.transport.pause_reading()
+
+    n, big = 60, "x" * 200_000  # ~12 MB: more than the socket buffers hold
+    t0 = time.monotonic()
+    for i in range(n):
+        a.chat(BOB, f"{i:02d} {big}")
+    await a.ping_server(timeout=10)
+    assert time.monotonic() - t0 < 10, "the sender was held up by a slow recipient"
+
+    deadline = time.monotonic() + 10
+    while srv.holds_connection(client_port):
+        assert time.monotonic() < deadline, \
+            "server still holds the connection of a client that stopped reading 10s ago " \
+            "(ping_interval_secs=1, ping_timeout_secs=1)"
+        await asyncio.sleep(0.25)
+    raw.abort()
+    b = await Client(srv, BOB, sm=True).login()
+    got = [(await b.next_message(20))["body"][:2] for _ in range(n)]
+    assert got == [f"{i:02d}" for i in range(n)]
 
 
 async def test_ping_answer_keeps_raw_client_alive(make_server):

@@ -307,3 +307,25 @@ async def test_invalid_recipient_jid(server):
     assert err["id"] == "bad2"
     assert stanza_error(err)[0] in ("remote-server-not-found", "service-unavailable"), str(err)
     await a.ping_server()
+
+
+async def test_offline_messages_expire(make_server):
+    """expiry_days=0: the reaper deletes every stored message on its next
+    run, and the freed queue accepts messages again."""
+    srv = make_server({"offline": {"expiry_days": 0, "reap_interval_secs": 1, "max_queue": 2}})
+    a = await Client(srv, ALICE).login()
+    a.chat(BOB, "e1")
+    a.chat(BOB, "e2")
+    a.chat(BOB, "e3", msg_id="e3")
+    err = await a.next_message()
+    assert err["id"] == "e3" and stanza_error(err)[0] == "resource-constraint"
+    await asyncio.sleep(2.5)
+    a.chat(BOB, "e4", msg_id="e4")
+    a.chat(BOB, "e5", msg_id="e5")
+    await a.ping_server()
+    assert await a.messages_for(0.2) == [], "queue still full after expiry"
+    await asyncio.sleep(2.5)
+    b = await Client(srv, BOB).login()
+    assert await b.messages_for(0.5) == []
+    a.chat(BOB, "live")
+    assert (await b.next_message())["body"] == "live"
