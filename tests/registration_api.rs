@@ -176,3 +176,52 @@ fn registering_again_replaces_the_key_and_ends_old_sessions() {
         }
     });
 }
+
+#[test]
+fn webhook_gateway_posts_the_code() {
+    use std::io::{Read, Write};
+    // A one-shot HTTP endpoint standing in for an SMS provider bridge.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = s.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.to_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        let _ = tx.send(text);
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let cfg = format!("[sms]\ngateway = \"webhook\"\nwebhook_url = \"http://{hook}/send\"\n");
+    let srv = TestServer::start("regwebhook", &cfg, &[]);
+    rt().block_on(async {
+        let (st, _, _) = http(srv.http_port, "POST", "/v1/accounts/code", "{\"phone\":\"+15554443333\",\"method\":\"voice\"}").await;
+        assert_eq!(st, 200);
+    });
+    let req = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("webhook called");
+    assert!(req.starts_with("POST /send HTTP/1.1"), "{req}");
+    let body = req.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+    assert_eq!(v["phone"], "+15554443333");
+    assert_eq!(v["method"], "voice");
+    assert_eq!(v["code"].as_str().map(|c| c.len()), Some(6));
+    assert!(!srv.data().join("sms-outbox.log").exists(), "the log gateway is not used");
+}
