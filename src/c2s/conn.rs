@@ -38,27 +38,19 @@ enum Io {
 }
 
 impl Io {
-    /// Reads once into `buf`'s spare capacity. Cancel-safe.
+    /// Reads once into the framer's buffer. Cancel-safe. A plaintext
+    /// connection waits for readability without holding any buffer.
     async fn read_into(&mut self, framer: &mut Framer) -> std::io::Result<usize> {
         match self {
             Io::Plain(s) => loop {
                 s.readable().await?;
-                let mut tmp = [0u8; 8192];
-                match s.try_read(&mut tmp) {
-                    Ok(n) => {
-                        framer.feed(&tmp[..n]);
-                        return Ok(n);
-                    }
+                match s.try_read_buf(framer.read_buffer()) {
+                    Ok(n) => return Ok(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(e),
                 }
             },
-            Io::Tls(s) => {
-                let mut tmp = vec![0u8; 8192];
-                let n = s.read(&mut tmp).await?;
-                framer.feed(&tmp[..n]);
-                Ok(n)
-            }
+            Io::Tls(s) => s.read_buf(framer.read_buffer()).await,
             Io::Gone => Ok(0),
         }
     }

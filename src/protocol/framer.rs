@@ -123,6 +123,20 @@ impl Framer {
         self.buf.extend_from_slice(data);
     }
 
+    /// The buffer to read socket bytes into (appended at its end), with
+    /// room reserved. Lets the connection read without a buffer of its own.
+    pub fn read_buffer(&mut self) -> &mut Vec<u8> {
+        if self.consumed > 0 {
+            let c = self.consumed;
+            self.buf.drain(..c);
+            self.pos -= c;
+            self.start = self.start.map(|s| s - c);
+            self.consumed = 0;
+        }
+        self.buf.reserve(8192);
+        &mut self.buf
+    }
+
     /// Bytes buffered but not yet returned as a frame.
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.consumed
