@@ -38,7 +38,8 @@ cargo build --release -q -p chatd
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TARGET/release/chatd
 
-W=$(mktemp -d /tmp/chatd-media-bench.XXXXXX)
+# MEDIA_BENCH_DIR=/dev/shm measures without disk flushes (tmpfs).
+W=$(mktemp -d "${MEDIA_BENCH_DIR:-/tmp}/chatd-media-bench.XXXXXX")
 CHATD_PID=""
 NGINX_PID=""
 cleanup() {
@@ -246,7 +247,7 @@ mbps() { awk -v r="$1" -v s="$2" 'BEGIN{printf "%.0f", r*s/1048576}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "n/a"}'; }
 {
     echo
-    echo "## $(date -u +%Y-%m-%dT%H:%MZ) — $SCHEME, ${DUR}s per run, $CONNS connections (videos: $(( CONNS < 4 ? CONNS : 4 ))), $(nproc) cores"
+    echo "## $(date -u +%Y-%m-%dT%H:%MZ) — $SCHEME, files in $(df --output=fstype "$W" | tail -1), ${DUR}s per run, $CONNS connections (videos: $(( CONNS < 4 ? CONNS : 4 ))), $(nproc) cores"
     echo
     echo "| case | chatd req/s | chatd MiB/s | nginx req/s | nginx MiB/s | chatd/nginx |"
     echo "|---|---:|---:|---:|---:|---:|"

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -52,6 +53,9 @@ pub struct Media {
     /// Serialises read-modify-write of the index; held only for index
     /// reads and in-memory batch commits, never across an fsync.
     lock: Mutex<()>,
+    /// Batches applied to the index, and how many of them are durable.
+    applied: AtomicU64,
+    synced: Mutex<u64>,
     /// Slot signing key.
     pub key: Vec<u8>,
 }
@@ -101,6 +105,8 @@ impl Media {
             index,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             lock: Mutex::new(()),
+            applied: AtomicU64::new(0),
+            synced: Mutex::new(0),
             key,
         })
     }
@@ -128,6 +134,20 @@ impl Media {
 
     fn guard(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
         self.lock.lock().map_err(|_| StoreError::Closed)
+    }
+
+    /// Group commit: makes every change applied so far durable; one
+    /// fsync covers the changes of all callers waiting meanwhile.
+    fn sync_index(&self) -> Result<(), StoreError> {
+        let mine = self.applied.load(Ordering::Acquire);
+        let mut synced = self.synced.lock().map_err(|_| StoreError::Closed)?;
+        if *synced >= mine {
+            return Ok(());
+        }
+        let upto = self.applied.load(Ordering::Acquire);
+        self.index.sync()?;
+        *synced = upto;
+        Ok(())
     }
 
     fn stripe(&self, i: usize) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
@@ -229,14 +249,17 @@ impl Media {
                         Op::PutBlob(sha256.to_string(), blob),
                         Op::SetUsage(slot.account.clone(), usage.saturating_add(slot.size)),
                     ])
-                    .map(|_| Committed { tier, deduplicated })
+                    .map(|_| {
+                        self.applied.fetch_add(1, Ordering::AcqRel);
+                        Committed { tier, deduplicated }
+                    })
                     .map_err(CommitError::from)
             }
         };
         match outcome {
             Ok(c) => {
                 drop(_s);
-                self.index.sync()?;
+                self.sync_index()?;
                 Ok(c)
             }
             Err(e) => {
@@ -312,6 +335,7 @@ impl Media {
             ops.extend(usage.into_iter().map(|(a, u)| Op::SetUsage(a, u)));
             if n > 0 {
                 self.index.apply(&ops)?;
+                self.applied.fetch_add(1, Ordering::AcqRel);
             }
             n
         };
@@ -321,7 +345,7 @@ impl Media {
         // Records first, files second (the stripes are still held): a
         // crash in between leaves an unindexed file, never a record
         // without its file.
-        self.index.sync()?;
+        self.sync_index()?;
         for p in doomed {
             if let Err(e) = std::fs::remove_file(&p)
                 && e.kind() != std::io::ErrorKind::NotFound
