@@ -111,9 +111,10 @@ impl Reader {
             if self.min_rate > 0 {
                 // The moment the average rate would fall below the minimum
                 // if nothing more arrives.
-                let due =
-                    self.start + self.grace + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64);
-                let left = due.saturating_duration_since(Instant::now());
+                let owed =
+                    Duration::try_from_secs_f64(self.received as f64 / self.min_rate as f64).unwrap_or(Duration::MAX);
+                let due = self.start.checked_add(self.grace).and_then(|t| t.checked_add(owed));
+                let left = due.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
                 if left < wait {
                     wait = left;
                     by_rate = true;

@@ -44,9 +44,9 @@ pub enum VerifyError {
     Expired,
 }
 
-fn mac(key: &[u8], s: &Slot) -> Hmac<Sha256> {
-    // Only fails for an empty key with some MACs; HMAC accepts any length.
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+fn mac(key: &[u8], s: &Slot) -> Option<Hmac<Sha256>> {
+    // HMAC accepts keys of any length; `None` is not expected.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
     m.update(b"chatd-media-put-v1");
     for f in [
         s.id.as_bytes(),
@@ -59,7 +59,7 @@ fn mac(key: &[u8], s: &Slot) -> Hmac<Sha256> {
         m.update(&(f.len() as u32).to_be_bytes());
         m.update(f);
     }
-    m
+    Some(m)
 }
 
 /// Percent-encodes one path segment or query value.
@@ -81,7 +81,7 @@ pub fn new_id() -> String {
 
 /// The query string of a signed PUT URL.
 pub fn sign(key: &[u8], s: &Slot) -> String {
-    let sig = URL_SAFE_NO_PAD.encode(mac(key, s).finalize().into_bytes());
+    let sig = mac(key, s).map(|m| URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())).unwrap_or_default();
     format!("exp={}&size={}&type={}&acct={}&sig={sig}", s.expires, s.size, escape(&s.content_type), escape(&s.account))
 }
 
@@ -123,7 +123,7 @@ pub fn verify(key: &[u8], id: &str, filename: &str, query: &str, now_secs: u64) 
         expires: exp.parse().map_err(|_| VerifyError::Malformed("bad expiry"))?,
     };
     let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| VerifyError::BadSignature)?;
-    mac(key, &s).verify_slice(&sig).map_err(|_| VerifyError::BadSignature)?;
+    mac(key, &s).ok_or(VerifyError::BadSignature)?.verify_slice(&sig).map_err(|_| VerifyError::BadSignature)?;
     if now_secs > s.expires {
         return Err(VerifyError::Expired);
     }
