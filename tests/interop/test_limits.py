@@ -95,6 +95,8 @@ async def test_connection_cap_waiting_clients_served_when_others_close(make_serv
 
     c = Client(srv, CAROL)
     c_login = asyncio.ensure_future(c.login(timeout=30))
+    # Whatever happens below, the login task's outcome is consumed.
+    c_login.add_done_callback(lambda t: t.cancelled() or t.exception())
     await asyncio.sleep(0.5)
     assert not c_login.done(), "a login completed beyond max_connections"
 
@@ -104,6 +106,7 @@ async def test_connection_cap_waiting_clients_served_when_others_close(make_serv
 
     # Closing connections lets the waiting ones in.
     waiting_feat = asyncio.ensure_future(waiting.expect(r"<stream:features\b", timeout=20))
+    waiting_feat.add_done_callback(lambda t: t.cancelled() or t.exception())
     pending = {waiting_feat, c_login} | (set() if tls_served else {tls_task})
     n_pending = len(pending)
     releasable = [x.close for x in conns] + [a.close]
