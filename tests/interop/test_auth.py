@@ -184,3 +184,27 @@ async def test_scram_wrong_password_raw(server):
     await raw.open_stream()
     result, _ = await _scram_login(raw, "SCRAM-SHA-256", "n,,", password="wrong")
     assert result.startswith("<failure") and "not-authorized" in result, result
+
+
+async def test_plain_authzid_cannot_assume_another_account(pserver):
+    raw = await RawClient(pserver.host, pserver.c2s_port).open()
+    await raw.open_stream()
+    token = base64.b64encode(f"{bare(BOB)}\0{local_of(ALICE)}\0{PASSWORD}".encode()).decode()
+    raw.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
+    m = await raw.expect(r"<success\b.*?(/>|</success>)|<failure\b.*?</failure>")
+    if m.group(0).startswith("<success"):
+        await raw.open_stream()
+        jid = await raw.bind("z")
+        assert jid.startswith(bare(ALICE) + "/"), f"authorization identity {bare(BOB)} granted: bound {jid}"
+
+
+async def test_bind_rejects_oversized_resource(pserver):
+    raw = await RawClient(pserver.host, pserver.c2s_port).open()
+    await raw.open_stream()
+    assert (await raw.auth_plain(local_of(ALICE), PASSWORD)).startswith("<success")
+    await raw.open_stream()
+    raw.send(f"<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+             f"<resource>{'r' * 2000}</resource></bind></iq>")
+    m = await raw.expect(r"<iq\b[^>]*id=['\"]b1['\"].*?</iq>")
+    assert "type='error'" in m.group(0) or 'type="error"' in m.group(0), m.group(0)
+    assert await raw.bind("fine") == bare(ALICE) + "/fine"

@@ -54,6 +54,18 @@ CASES = [
     ("iq-before-auth", "preauth",
      "<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>", "not-authorized"),
     ("wrong-host", "first", stream_header(to="example.com"), "host-unknown"),
+    ("deep-nesting", "bound", f"<message to='{bare(BOB)}'>" + "<a>" * 5000 + "</a>" * 5000 + "</message>",
+     "policy-violation"),
+    ("undeclared-prefix", "bound", f"<foo:message to='{bare(BOB)}'><body>x</body></foo:message>", "not-well-formed"),
+    ("nul-character", "bound", f"<message to='{bare(BOB)}'><body>\x00</body></message>", "not-well-formed"),
+    ("control-char-reference", "bound", f"<message to='{bare(BOB)}'><body>&#1;</body></message>", "not-well-formed"),
+    ("wrong-stream-namespace", "first",
+     "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='urn:wrong' to='localhost' version='1.0'>",
+     "invalid-namespace"),
+    ("no-stream-version", "first",
+     "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+     "xmlns:stream='http://etherx.jabber.org/streams' to='localhost'>", "unsupported-version"),
+    ("unknown-top-level-element", "bound", "<foo xmlns='urn:example:x'/>", "unsupported-stanza-type"),
 ]
 
 
