@@ -59,9 +59,15 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-CHATD_PORT="${BENCH_CHATD_PORT:-15222}"
-EJABBERD_PORT="${BENCH_EJABBERD_PORT:-25222}"
-PROSODY_PORT="${BENCH_PROSODY_PORT:-35222}"
+port_free() { [[ -z "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]]; }
+free_port() {  # the first port from $1 on that nothing listens on
+    local p=$1
+    while ! port_free "$p"; do p=$((p + 1)); done
+    echo "$p"
+}
+CHATD_PORT=$(free_port "${BENCH_CHATD_PORT:-15222}")
+EJABBERD_PORT=$(free_port "${BENCH_EJABBERD_PORT:-25222}")
+PROSODY_PORT=$(free_port "${BENCH_PROSODY_PORT:-35222}")
 DOMAIN=localhost
 PASSWORD=bench-secret
 NOFILE="${BENCH_NOFILE:-20000}"
@@ -134,11 +140,15 @@ if [[ ${#need_pkgs[@]} -gt 0 ]]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${need_pkgs[@]}" >/dev/null ||
         { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y "${need_pkgs[@]}" >/dev/null; }
     [[ "$guard" == 1 ]] && rm -f /usr/sbin/policy-rc.d
-    if [[ -d /run/systemd/system ]]; then
-        for svc in ejabberd prosody; do
-            [[ " ${need_pkgs[*]} " == *" $svc "* ]] && systemctl stop "$svc" 2>/dev/null || true
-        done
-    fi
+    # If a service started anyway (a policy-rc.d that allows it), stop it.
+    for svc in ejabberd prosody; do
+        [[ " ${need_pkgs[*]} " == *" $svc "* ]] || continue
+        if [[ -d /run/systemd/system ]]; then
+            systemctl stop "$svc" >/dev/null 2>&1 || true
+        else
+            service "$svc" stop >/dev/null 2>&1 || true
+        fi
+    done
 fi
 
 # ---------------------------------------------------------------- servers ---
@@ -299,9 +309,10 @@ start_ejabberd() {
 # Prosody -------------------------------------------------------------------
 prepare_prosody() {
     local d="$WORK/prosody"
-    rm -rf "$d"; mkdir -p "$d/data"
+    rm -rf "$d"; mkdir -p "$d/data" "$d/certs"
     cat >"$d/prosody.cfg.lua" <<EOF
 pidfile = "$d/prosody.pid"
+certificates = "$d/certs"
 data_path = "$d/data"
 run_as_root = true
 log = { { levels = { min = "warn" }, to = "file", filename = "$d/prosody.log" } }
@@ -338,10 +349,10 @@ start_prosody() {
     check_limit prosody
 }
 
-busy_pct() {  # machine CPU busy over one second, in % of all cores
+busy_pct() {  # machine CPU busy over three seconds, in % of all cores
     local a b
     read -r -a a < <(head -n1 /proc/stat)
-    sleep 1
+    sleep 3
     read -r -a b < <(head -n1 /proc/stat)
     local ta=0 tb=0 i
     for i in 1 2 3 4 5 6 7 8; do ta=$((ta + a[i])); tb=$((tb + b[i])); done
@@ -360,8 +371,29 @@ wait_quiet() {  # other processes share the cores: wait (bounded) until they are
             return 0
         fi
         log "machine ${busy}% busy with other processes; waiting (up to ${QUIET_WAIT}s, BENCH_QUIET_WAIT)"
-        sleep 4
+        sleep 2
     done
+}
+
+ensure_port() {  # server: move to a free port if another program took ours
+    local p; p=$(port_of "$1")
+    port_free "$p" && return 0
+    local n; n=$(free_port "$p")
+    log "port $p is in use by another program; $1 moves to $n"
+    case "$1" in
+        chatd) CHATD_PORT=$n ;;
+        ejabberd) EJABBERD_PORT=$n ;;
+        prosody) PROSODY_PORT=$n ;;
+    esac
+}
+
+start_server() {  # server
+    ensure_port "$1"
+    case "$1" in
+        ejabberd) sed -i "s/^    port: [0-9]*/    port: $EJABBERD_PORT/" "$WORK/ejabberd/ejabberd.yml" ;;
+        prosody) sed -i "s/^c2s_ports = .*/c2s_ports = { $PROSODY_PORT }/" "$WORK/prosody/prosody.cfg.lua" ;;
+    esac
+    "start_$1"
 }
 
 port_of() { case "$1" in chatd) echo "$CHATD_PORT" ;; ejabberd) echo "$EJABBERD_PORT" ;; prosody) echo "$PROSODY_PORT" ;; esac; }
@@ -387,7 +419,7 @@ mkdir -p "$OUT"
 create_accounts() {  # server
     "prepare_$1"
     if [[ "$1" != chatd ]]; then
-        "start_$1"
+        start_server "$1"
         "$BENCH" accounts --mode ibr --port "$(port_of "$1")" --domain "$DOMAIN" --password "$PASSWORD" \
             --count "$ACCOUNTS" --concurrency 64
         stop_server
@@ -396,7 +428,7 @@ create_accounts() {  # server
 
 if [[ -n "$SERVE" ]]; then
     create_accounts "$SERVE"
-    "start_$SERVE"
+    start_server "$SERVE"
     log "$SERVE serving on 127.0.0.1:$(port_of "$SERVE") (pid $SERVER_PID), $ACCOUNTS accounts ${DOMAIN}, password $PASSWORD; data in $WORK"
     wait "${WRAPPER_PID:-$SERVER_PID}" || true
     exit 0
@@ -414,12 +446,12 @@ for srv in "${server_list[@]}"; do
     create_accounts "$srv"
     log "== $srv: login, idle and steady load"
     wait_quiet
-    "start_$srv"
+    start_server "$srv"
     run_bench "$srv" load login,idle,steady
     stop_server
     log "== $srv: offline burst (server restarted)"
     wait_quiet
-    "start_$srv"
+    start_server "$srv"
     run_bench "$srv" offline offline
     stop_server
     log "== $srv done in $(( $(date +%s) - t0 ))s"
