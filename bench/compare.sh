@@ -214,10 +214,10 @@ start_chatd() {
     local i
     for ((i = 0; i < 300; i++)); do
         grep -q "listening c2s 127.0.0.1:$CHATD_PORT" "$d/chatd.log" 2>/dev/null && break
-        kill -0 "$WRAPPER_PID" 2>/dev/null || { tail -n 20 "$d/chatd.log" >&2; die "chatd exited"; }
+        kill -0 "$WRAPPER_PID" 2>/dev/null || { tail -n 20 "$d/chatd.log" >&2; log "chatd exited"; stop_server; return 1; }
         sleep 0.1
     done
-    wait_listening "$CHATD_PORT" 10 || { tail -n 20 "$d/chatd.log" >&2; die "chatd does not listen on $CHATD_PORT"; }
+    wait_listening "$CHATD_PORT" 10 || { tail -n 20 "$d/chatd.log" >&2; log "chatd does not listen on $CHATD_PORT"; stop_server; return 1; }
     SERVER_PID=$(listener_pid "$CHATD_PORT")
     [[ "$SERVER_PID" == "$WRAPPER_PID" ]] && WRAPPER_PID=""
     check_limit chatd
@@ -301,7 +301,7 @@ start_ejabberd() {
     HOME="$d" ejabberdctl --config-dir "$d" --config "$d/ejabberd.yml" --ctl-config "$d/ejabberdctl.cfg" \
         --logs "$d/logs" --spool "$d/spool" foreground >>"$d/console.log" 2>&1 &
     WRAPPER_PID=$!
-    wait_listening "$EJABBERD_PORT" 120 || { tail -n 30 "$d/console.log" "$d/logs/"*.log >&2 || true; die "ejabberd did not start"; }
+    wait_listening "$EJABBERD_PORT" 120 || { tail -n 30 "$d/console.log" "$d/logs/"*.log >&2 || true; log "ejabberd did not start"; stop_server; return 1; }
     SERVER_PID=$(listener_pid "$EJABBERD_PORT")
     check_limit ejabberd
 }
@@ -343,7 +343,7 @@ start_prosody() {
     local d="$WORK/prosody"
     prosody -F --config "$d/prosody.cfg.lua" >>"$d/console.log" 2>&1 &
     WRAPPER_PID=$!
-    wait_listening "$PROSODY_PORT" 30 || { tail -n 30 "$d/console.log" "$d/prosody.log" >&2 || true; die "prosody did not start"; }
+    wait_listening "$PROSODY_PORT" 30 || { tail -n 30 "$d/console.log" "$d/prosody.log" >&2 || true; log "prosody did not start"; stop_server; return 1; }
     SERVER_PID=$(listener_pid "$PROSODY_PORT")
     [[ "$SERVER_PID" == "$WRAPPER_PID" ]] && WRAPPER_PID=""
     check_limit prosody
@@ -387,13 +387,19 @@ ensure_port() {  # server: move to a free port if another program took ours
     esac
 }
 
-start_server() {  # server
-    ensure_port "$1"
-    case "$1" in
-        ejabberd) sed -i "s/^    port: [0-9]*/    port: $EJABBERD_PORT/" "$WORK/ejabberd/ejabberd.yml" ;;
-        prosody) sed -i "s/^c2s_ports = .*/c2s_ports = { $PROSODY_PORT }/" "$WORK/prosody/prosody.cfg.lua" ;;
-    esac
-    "start_$1"
+start_server() {  # server; a second try on another port if another program took ours
+    local try
+    for try in 1 2 3; do
+        ensure_port "$1"
+        case "$1" in
+            ejabberd) sed -i "s/^    port: [0-9]*/    port: $EJABBERD_PORT/" "$WORK/ejabberd/ejabberd.yml" ;;
+            prosody) sed -i "s/^c2s_ports = .*/c2s_ports = { $PROSODY_PORT }/" "$WORK/prosody/prosody.cfg.lua" ;;
+        esac
+        "start_$1" && return 0
+        port_free "$(port_of "$1")" && die "$1 did not start (logs in $WORK/$1; --keep keeps them)"
+        log "port $(port_of "$1") was taken meanwhile; trying again"
+    done
+    die "$1 did not start"
 }
 
 port_of() { case "$1" in chatd) echo "$CHATD_PORT" ;; ejabberd) echo "$EJABBERD_PORT" ;; prosody) echo "$PROSODY_PORT" ;; esac; }

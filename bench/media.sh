@@ -218,7 +218,7 @@ run_case() { # label size magic ctype name vid_conns
     out=$(wrk_put "$BASE_N" "" "/up/$label/" "$size" "$magic" "$ctype" "$conns")
     echo "$out" | grep -E "Requests/sec|Non-2xx|Socket errors" || true
     R[$label-up-nginx]=$(echo "$out" | rps)
-    rm -rf "$W/nginx/up/$label"
+    rm -rf "$W/nginx/up/$label" 2>/dev/null || true
 
     # One stored file, downloaded over and over.
     local get
