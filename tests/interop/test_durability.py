@@ -41,7 +41,7 @@ class SmSender:
             m = await self.raw.expect(r"<a xmlns=['\"]urn:xmpp:sm:3['\"] h=['\"](\d+)['\"]\s*/>|<r xmlns=['\"]urn:xmpp:sm:3['\"]\s*/>",
                                       timeout=timeout)
             if m.group(1) is None:
-                self.raw.send(f"<a xmlns='urn:xmpp:sm:3' h='0'/>")
+                self.raw.send("<a xmlns='urn:xmpp:sm:3' h='0'/>")
                 continue
             h = int(m.group(1))
             assert h <= self.sent, f"server acked {h} of {self.sent}"

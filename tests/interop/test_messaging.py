@@ -146,7 +146,7 @@ async def test_no_redelivery_after_confirmation_ping(server):
 
 async def test_unacknowledged_messages_are_redelivered(pserver):
     """A device that takes messages but never acknowledges them gets them again."""
-    a = await _send_offline(pserver, 3)
+    await _send_offline(pserver, 3)
     raw = RawClient(pserver.host, pserver.c2s_port)
     await raw.login(BOB, starttls=False, resource="mute")
     raw.send("<presence/>")
@@ -156,7 +156,6 @@ async def test_unacknowledged_messages_are_redelivered(pserver):
     b = await Client(pserver, BOB, sm=True).login()
     got = await collect(b, 3)
     assert bodies(got) == [f"offline {i}" for i in range(3)]
-    del a
 
 
 async def test_live_messages_not_acked_are_stored(server):

@@ -2,6 +2,7 @@
 
 import asyncio
 
+from slixmpp import ET
 from slixmpp.exceptions import IqError
 
 from support import ALICE, BOB, CAROL, Client, bare
@@ -269,7 +270,7 @@ async def test_iq_to_full_jid_is_forwarded(server):
 async def test_unknown_iq_payload(server):
     c = await Client(server, ALICE).login()
     iq = c.Iq(stype="get", sto="localhost")
-    iq.append(__import__("xml.etree.ElementTree", fromlist=["Element"]).Element("{urn:example:nothing}query"))
+    iq.append(ET.Element("{urn:example:nothing}query"))
     try:
         await iq.send(timeout=5)
         raise AssertionError("unknown payload answered with a result")
