@@ -5,6 +5,7 @@ mod accounts;
 mod client;
 mod metrics;
 mod procstat;
+mod refserver;
 mod report;
 mod results;
 mod run;
@@ -41,6 +42,25 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Merge result JSON files into a Markdown table, JSON summary and PNG chart.
     Report(report::ReportArgs),
+    /// A minimal in-memory XMPP router (any password, no storage) to measure
+    /// the generator's own floor of latency and CPU.
+    Refserver(RefserverArgs),
+}
+
+#[derive(Args)]
+struct RefserverArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 5222)]
+    port: u16,
+    #[arg(long, default_value = "localhost")]
+    domain: String,
+    /// Tokio worker threads (default: CPU count).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Exit after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    timeout: u64,
 }
 
 #[derive(Args, Clone)]
@@ -235,6 +255,7 @@ fn main() {
         Cmd::Accounts(a) => a.server.threads,
         Cmd::Run(r) => r.server.threads,
         Cmd::Report(_) => Some(1),
+        Cmd::Refserver(r) => r.threads,
     }
     .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -247,6 +268,7 @@ fn main() {
             Cmd::Accounts(a) => accounts_cmd(*a).await,
             Cmd::Run(r) => run_cmd(*r, threads, nofile).await,
             Cmd::Report(r) => report::report(&r),
+            Cmd::Refserver(r) => refserver_cmd(r).await,
         };
         match r {
             Ok(()) => 0,
@@ -299,6 +321,15 @@ async fn accounts_cmd(a: AccountsArgs) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+async fn refserver_cmd(a: RefserverArgs) -> Result<()> {
+    let l = tokio::net::TcpListener::bind((a.host.as_str(), a.port)).await?;
+    println!("listening c2s {}", l.local_addr()?);
+    match tokio::time::timeout(Duration::from_secs(a.timeout), refserver::serve(l, a.domain)).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
     }
 }
 
