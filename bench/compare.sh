@@ -18,8 +18,10 @@ usage: bench/compare.sh [options] [-- extra 'chatd-bench run' options]
   --quick             200 sessions, short steps (env BENCH_QUICK=1)
   --smoke             a few sessions for a few seconds (env BENCH_SMOKE=1)
   --sessions N        concurrent sessions (default 10000; env BENCH_SESSIONS)
-  --servers LIST      comma-separated subset of chatd,ejabberd,prosody
-                      (env BENCH_SERVERS)
+  --servers LIST      comma-separated subset of chatd,ejabberd,prosody,reference
+                      (env BENCH_SERVERS; default chatd,ejabberd,prosody;
+                      "reference" is chatd-bench's own minimal in-memory router,
+                      the floor set by the generator and the kernel)
   --out DIR           results directory (default bench/results; env BENCH_OUT)
   --target-dir DIR    cargo target directory for the release builds
                       (default: the repository's target/; env BENCH_TARGET_DIR)
@@ -68,6 +70,7 @@ free_port() {  # the first port from $1 on that nothing listens on
 CHATD_PORT=$(free_port "${BENCH_CHATD_PORT:-15222}")
 EJABBERD_PORT=$(free_port "${BENCH_EJABBERD_PORT:-25222}")
 PROSODY_PORT=$(free_port "${BENCH_PROSODY_PORT:-35222}")
+REFERENCE_PORT=$(free_port "${BENCH_REFERENCE_PORT:-45222}")
 DOMAIN=localhost
 PASSWORD=bench-secret
 NOFILE="${BENCH_NOFILE:-20000}"
@@ -306,6 +309,18 @@ start_ejabberd() {
     check_limit ejabberd
 }
 
+# reference (chatd-bench refserver) -----------------------------------------
+prepare_reference() { rm -rf "$WORK/reference"; mkdir -p "$WORK/reference"; }
+start_reference() {
+    local d="$WORK/reference"
+    "$BENCH" refserver --port "$REFERENCE_PORT" --domain "$DOMAIN" --timeout 7200 >>"$d/log" 2>&1 &
+    WRAPPER_PID=$!
+    wait_listening "$REFERENCE_PORT" 10 || { cat "$d/log" >&2; log "refserver did not start"; stop_server; return 1; }
+    SERVER_PID=$(listener_pid "$REFERENCE_PORT")
+    [[ "$SERVER_PID" == "$WRAPPER_PID" ]] && WRAPPER_PID=""
+    check_limit reference
+}
+
 # Prosody -------------------------------------------------------------------
 prepare_prosody() {
     local d="$WORK/prosody"
@@ -384,6 +399,7 @@ ensure_port() {  # server: move to a free port if another program took ours
         chatd) CHATD_PORT=$n ;;
         ejabberd) EJABBERD_PORT=$n ;;
         prosody) PROSODY_PORT=$n ;;
+        reference) REFERENCE_PORT=$n ;;
     esac
 }
 
@@ -402,7 +418,14 @@ start_server() {  # server; a second try on another port if another program took
     die "$1 did not start"
 }
 
-port_of() { case "$1" in chatd) echo "$CHATD_PORT" ;; ejabberd) echo "$EJABBERD_PORT" ;; prosody) echo "$PROSODY_PORT" ;; esac; }
+port_of() {
+    case "$1" in
+        chatd) echo "$CHATD_PORT" ;;
+        ejabberd) echo "$EJABBERD_PORT" ;;
+        prosody) echo "$PROSODY_PORT" ;;
+        reference) echo "$REFERENCE_PORT" ;;
+    esac
+}
 
 run_bench() {  # server scenario phases
     local port; port=$(port_of "$1")
@@ -424,7 +447,7 @@ mkdir -p "$OUT"
 
 create_accounts() {  # server
     "prepare_$1"
-    if [[ "$1" != chatd ]]; then
+    if [[ "$1" == ejabberd || "$1" == prosody ]]; then
         start_server "$1"
         "$BENCH" accounts --mode ibr --port "$(port_of "$1")" --domain "$DOMAIN" --password "$PASSWORD" \
             --count "$ACCOUNTS" --concurrency 64
@@ -444,7 +467,7 @@ START=$(date +%s)
 FAILED=0
 IFS=',' read -r -a server_list <<<"$SERVERS"
 for srv in "${server_list[@]}"; do
-    case "$srv" in chatd | ejabberd | prosody) ;; *) die "unknown server $srv" ;; esac
+    case "$srv" in chatd | ejabberd | prosody | reference) ;; *) die "unknown server $srv" ;; esac
     [[ "$srv" == chatd && ! -x "$CHATD" ]] && die "$CHATD not found"
     t0=$(date +%s)
     rm -f "$OUT/$srv-load.json" "$OUT/$srv-offline.json"
@@ -455,11 +478,13 @@ for srv in "${server_list[@]}"; do
     start_server "$srv"
     run_bench "$srv" load login,idle,steady
     stop_server
-    log "== $srv: offline burst (server restarted)"
-    wait_quiet
-    start_server "$srv"
-    run_bench "$srv" offline offline
-    stop_server
+    if [[ "$srv" != reference ]]; then  # the reference router stores nothing
+        log "== $srv: offline burst (server restarted)"
+        wait_quiet
+        start_server "$srv"
+        run_bench "$srv" offline offline
+        stop_server
+    fi
     log "== $srv done in $(( $(date +%s) - t0 ))s"
 done
 

@@ -242,6 +242,7 @@ fn color_of_server(name: &str, i: usize) -> RGBColor {
         "chatd" => RGBColor(31, 119, 180),
         "ejabberd" => RGBColor(44, 160, 44),
         "prosody" => RGBColor(255, 127, 14),
+        "reference" => RGBColor(127, 127, 127),
         _ => color_of(i + 3),
     }
 }
