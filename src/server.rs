@@ -130,10 +130,12 @@ pub fn check_plaintext(cfg: &Config) -> anyhow::Result<()> {
 /// # Errors
 /// Startup failures (store locked, ports in use, bad TLS material).
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    check_plaintext(&cfg)?;
+    // A media node has no c2s listeners; its HTTP listener takes plain
+    // HTTP on loopback only (see `http::Transport`).
     if cfg.role == crate::config::Role::Media {
         return serve_media(cfg).await;
     }
+    check_plaintext(&cfg)?;
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let stores = Stores::open_fjall(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
     let srv = Server::new(cfg, stores)?;
