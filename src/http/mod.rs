@@ -42,10 +42,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            max_connections: 4096,
-            header_timeout_secs: 10,
-        }
+        HttpConfig { max_connections: 4096, header_timeout_secs: 10 }
     }
 }
 
@@ -79,19 +76,12 @@ pub struct Transport {
 impl Transport {
     /// TLS, plus plain HTTP when `allow_plaintext` is set and `addr` is
     /// loopback.
-    pub fn new(
-        tls: Arc<rustls::ServerConfig>,
-        allow_plaintext: bool,
-        addr: SocketAddr,
-    ) -> Transport {
+    pub fn new(tls: Arc<rustls::ServerConfig>, allow_plaintext: bool, addr: SocketAddr) -> Transport {
         let plaintext = allow_plaintext && addr.ip().is_loopback();
         if allow_plaintext && !plaintext {
             tracing::warn!(%addr, "plain HTTP is only accepted on loopback; the HTTP listener requires TLS");
         }
-        Transport {
-            tls: TlsAcceptor::from(tls),
-            plaintext,
-        }
+        Transport { tls: TlsAcceptor::from(tls), plaintext }
     }
 }
 
@@ -114,9 +104,7 @@ pub async fn serve(listener: TcpListener, app: Router, transport: Transport, cfg
         };
         let _ = sock.set_nodelay(true);
         // Handlers that rate-limit by client address read it from here.
-        let app = app
-            .clone()
-            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let app = app.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         let transport = transport.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -127,12 +115,7 @@ pub async fn serve(listener: TcpListener, app: Router, transport: Transport, cfg
     }
 }
 
-async fn connection(
-    sock: TcpStream,
-    app: Router,
-    t: &Transport,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+async fn connection(sock: TcpStream, app: Router, t: &Transport, timeout: Duration) -> anyhow::Result<()> {
     let tls = if t.plaintext {
         let mut first = [0u8; 1];
         let n = tokio::time::timeout(timeout, sock.peek(&mut first)).await??;
@@ -153,19 +136,14 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .max_buf_size(64 * 1024);
+    b.http1().timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(64 * 1024);
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(64)
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(timeout)
         .max_header_list_size(64 * 1024);
-    b.serve_connection(io, TowerToHyperService::new(app))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    b.serve_connection(io, TowerToHyperService::new(app)).await.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Starts the HTTP side of a node: binds `listen.http` (printing
@@ -195,19 +173,12 @@ pub async fn start(
             && !cfg.media.public_url.is_empty()
         {
             let key = media::load_secret(&cfg.media, &cfg.data_dir)?;
-            let _ = cell.set(Arc::new(Issuer::new(
-                &cfg.media,
-                key,
-                &cfg.media.public_url,
-                None,
-            )));
+            let _ = cell.set(Arc::new(Issuer::new(&cfg.media, key, &cfg.media.public_url, None)));
         }
         return Ok(tasks);
     }
     let addr = crate::config::parse_addr(http)?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let local = listener.local_addr()?;
     let mut routes = extra;
     let mut store = None;
@@ -223,7 +194,9 @@ pub async fn start(
         } else {
             cfg.media.public_url.clone()
         };
-        if store.is_some() || !cfg.media.public_url.is_empty() {
+        if store.is_none() && cfg.media.public_url.is_empty() {
+            tracing::warn!("role chat without media.public_url: no upload service is offered");
+        } else {
             let key = match &store {
                 Some(m) => m.key.clone(),
                 None => media::load_secret(&cfg.media, &cfg.data_dir)?,
@@ -233,11 +206,6 @@ pub async fn start(
     }
     println!("listening http {local}");
     let transport = Transport::new(tls_config(tls), cfg.listen.allow_plaintext, local);
-    tasks.push(tokio::spawn(serve(
-        listener,
-        merge(routes),
-        transport,
-        cfg.http.clone(),
-    )));
+    tasks.push(tokio::spawn(serve(listener, merge(routes), transport, cfg.http.clone())));
     Ok(tasks)
 }
