@@ -145,13 +145,16 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let admin = crate::admin::listen(srv.clone()).await?;
     let mut tasks = Vec::new();
-    if let Some((l, a)) = bound.c2s {
+    let starttls = bound.c2s.map(|(l, a)| {
         println!("listening c2s {a}");
-        tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), l, false)));
-    }
-    if let Some((l, a)) = bound.c2s_tls {
+        l
+    });
+    let direct = bound.c2s_tls.map(|(l, a)| {
         println!("listening c2s-tls {a}");
-        tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), l, true)));
+        l
+    });
+    if starttls.is_some() || direct.is_some() {
+        tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), starttls, direct)));
     }
     let api = crate::api::accounts::routes(srv.clone())?;
     tasks.extend(crate::http::start(&srv.cfg, &srv.tls, Some(&srv.media), vec![api]).await?);

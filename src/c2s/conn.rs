@@ -359,7 +359,7 @@ impl Conn {
             self.release_acks(c);
         }
         if !self.out.is_empty() {
-            let ok = self.io.write_all(self.out.as_bytes()).await.is_ok();
+            let ok = self.write_timed(false).await;
             self.out.clear();
             if self.out.capacity() > 64 * 1024 {
                 self.out = String::new();
@@ -371,14 +371,32 @@ impl Conn {
         if let Some(s) = self.session.as_mut()
             && !s.out.is_empty()
         {
-            let ok = self.io.write_all(s.out.as_bytes()).await.is_ok();
-            s.out.clear();
-            if s.out.capacity() > 64 * 1024 {
-                s.out = String::new();
+            let ok = self.write_timed(true).await;
+            if let Some(s) = self.session.as_mut() {
+                s.out.clear();
+                if s.out.capacity() > 64 * 1024 {
+                    s.out = String::new();
+                }
             }
             return ok;
         }
         true
+    }
+
+    /// Writes the connection's (or the session's) pending output. A peer
+    /// that does not read for `ping_timeout_secs` while we have data for it
+    /// is treated as gone, so a stalled client cannot pin a task forever.
+    async fn write_timed(&mut self, session: bool) -> bool {
+        let limit = Duration::from_secs(self.srv.cfg.limits.ping_timeout_secs.max(1));
+        let data = if session {
+            match self.session.as_ref() {
+                Some(s) => s.out.as_bytes(),
+                None => return true,
+            }
+        } else {
+            self.out.as_bytes()
+        };
+        matches!(tokio::time::timeout(limit, self.io.write_all(data)).await, Ok(Ok(())))
     }
 
     /// Parses and handles every complete frame in the buffer.

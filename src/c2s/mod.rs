@@ -19,13 +19,22 @@ use tokio::net::TcpListener;
 
 use crate::server::Server;
 
-/// Accepts connections until the task is aborted.
-pub async fn accept_loop(srv: Arc<Server>, listener: TcpListener, direct_tls: bool) {
+/// Accepts connections on the STARTTLS and direct-TLS listeners until the
+/// task is aborted.
+///
+/// One loop serves both listeners so that exactly one permit waits in
+/// `accept` at a time: every one of `max_connections` permits can go to a
+/// client, whichever listener it arrives on.
+pub async fn accept_loop(srv: Arc<Server>, starttls: Option<TcpListener>, direct_tls: Option<TcpListener>) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let Ok(permit) = srv.connections.clone().acquire_owned().await else { return };
-        match listener.accept().await {
-            Ok((sock, peer)) => {
+        let accepted = tokio::select! {
+            r = accept_opt(starttls.as_ref()) => r.map(|(s, p)| (s, p, false)),
+            r = accept_opt(direct_tls.as_ref()) => r.map(|(s, p)| (s, p, true)),
+        };
+        match accepted {
+            Ok((sock, peer, tls)) => {
                 backoff = Duration::from_millis(5);
                 let _ = sock.set_nodelay(true);
                 let ka = socket2::TcpKeepalive::new()
@@ -34,7 +43,7 @@ pub async fn accept_loop(srv: Arc<Server>, listener: TcpListener, direct_tls: bo
                 let _ = socket2::SockRef::from(&sock).set_tcp_keepalive(&ka);
                 let srv = srv.clone();
                 tokio::spawn(async move {
-                    conn::run(srv, sock, peer, direct_tls).await;
+                    conn::run(srv, sock, peer, tls).await;
                     drop(permit);
                 });
             }
@@ -46,5 +55,12 @@ pub async fn accept_loop(srv: Arc<Server>, listener: TcpListener, direct_tls: bo
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+async fn accept_opt(l: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
