@@ -145,6 +145,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let admin = crate::admin::listen(srv.clone()).await?;
     let mut tasks = Vec::new();
+    // HTTP and media first: once a c2s line is printed, everything a
+    // client can ask for (upload slots included) is ready.
+    let api = crate::api::accounts::routes(srv.clone())?;
+    tasks.extend(crate::http::start(&srv.cfg, &srv.tls, Some(&srv.media), vec![api]).await?);
     let starttls = bound.c2s.map(|(l, a)| {
         println!("listening c2s {a}");
         l
@@ -156,8 +160,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     if starttls.is_some() || direct.is_some() {
         tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), starttls, direct)));
     }
-    let api = crate::api::accounts::routes(srv.clone())?;
-    tasks.extend(crate::http::start(&srv.cfg, &srv.tls, Some(&srv.media), vec![api]).await?);
     tasks.push(tokio::spawn(crate::modules::offline::reaper(srv.clone())));
     tasks.push(admin);
     {

@@ -91,6 +91,10 @@ pub struct Session {
     pub inactive: bool,
     /// Stanzas held back while inactive.
     pub held: Vec<Arc<str>>,
+    /// Highest offline sequence number written to this stream; a later
+    /// initial presence (after going unavailable) reads the queue from
+    /// here, so messages already on this stream are not sent twice.
+    pub max_seq_sent: u64,
 }
 
 impl Session {
@@ -116,6 +120,7 @@ impl Session {
             replaced: false,
             inactive: false,
             held: Vec::new(),
+            max_seq_sent: 0,
         }
     }
 
@@ -136,6 +141,9 @@ impl Session {
     /// Writes serialised stanza bytes; `seq` marks a stored message.
     pub fn send_xml(&mut self, xml: Arc<str>, seq: Option<u64>) {
         self.out.push_str(&xml);
+        if let Some(q) = seq {
+            self.max_seq_sent = self.max_seq_sent.max(q);
+        }
         match self.sm.as_mut() {
             Some(sm) => {
                 sm.outbound = sm.outbound.wrapping_add(1);

@@ -104,7 +104,7 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
     }
     if first {
         let upto = srv.router.attach(&s.local, id);
-        s.backlog = Some((0, upto));
+        s.backlog = Some((s.max_seq_sent, upto));
         // Probes, answered locally from the registry.
         for item in roster.iter().filter(|i| i.subscription.has_to()) {
             if let Ok(j) = Jid::parse(&item.jid)

@@ -41,6 +41,8 @@ pub enum FrameError {
     Restricted(&'static str),
     #[error("policy-violation: stanza exceeds {0} bytes")]
     TooBig(usize),
+    #[error("policy-violation: elements nested too deeply")]
+    TooDeep,
     #[error("invalid-namespace: {0}")]
     InvalidNamespace(&'static str),
 }
@@ -51,7 +53,7 @@ impl FrameError {
         match self {
             FrameError::NotWellFormed(_) => "not-well-formed",
             FrameError::Restricted(_) => "restricted-xml",
-            FrameError::TooBig(_) => "policy-violation",
+            FrameError::TooBig(_) | FrameError::TooDeep => "policy-violation",
             FrameError::InvalidNamespace(_) => "invalid-namespace",
         }
     }
@@ -61,7 +63,7 @@ impl From<ParseError> for FrameError {
     fn from(e: ParseError) -> Self {
         match e {
             ParseError::Restricted(r) => FrameError::Restricted(r),
-            ParseError::TooDeep => FrameError::TooBig(0),
+            ParseError::TooDeep => FrameError::TooDeep,
             ParseError::BadPrefix(p) => FrameError::NotWellFormed(format!("undeclared prefix {p}")),
             ParseError::NotWellFormed(s) => FrameError::NotWellFormed(s),
         }
@@ -255,6 +257,9 @@ impl Framer {
                     }
                     if have.starts_with(b"<!--") {
                         return Err(FrameError::Restricted("comment"));
+                    }
+                    if have.starts_with(b"<![") {
+                        return Err(FrameError::Restricted("CDATA outside a stanza"));
                     }
                     return Err(FrameError::Restricted("DTD"));
                 }
