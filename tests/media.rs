@@ -37,9 +37,7 @@ struct Watchdog(std::sync::mpsc::Sender<()>);
 fn watchdog(secs: u64, name: &'static str) -> Watchdog {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            rx.recv_timeout(Duration::from_secs(secs))
-        {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
             eprintln!("test {name} exceeded {secs}s");
             std::process::abort();
         }
@@ -74,14 +72,7 @@ impl Node {
         std::fs::write(&cfg, config).unwrap();
         for phone in [ALICE, BOB] {
             let st = Command::new(env!("CARGO_BIN_EXE_chatd"))
-                .args([
-                    "user",
-                    "add",
-                    &format!("+{phone}"),
-                    "--password",
-                    "pw",
-                    "--config",
-                ])
+                .args(["user", "add", &format!("+{phone}"), "--password", "pw", "--config"])
                 .arg(&cfg)
                 .arg("--data-dir")
                 .arg(dir.join("data"))
@@ -92,17 +83,11 @@ impl Node {
             assert!(st.success());
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
-        cmd.args(["serve", "--config"])
-            .arg(&cfg)
-            .arg("--data-dir")
-            .arg(dir.join("data"));
+        cmd.args(["serve", "--config"]).arg(&cfg).arg("--data-dir").arg(dir.join("data"));
         let mut all: Vec<&str> = vec!["--allow-plaintext"];
-        for (flag, value) in [
-            ("--domain", "localhost"),
-            ("--c2s", "127.0.0.1:0"),
-            ("--c2s-tls", ""),
-            ("--http", "127.0.0.1:0"),
-        ] {
+        for (flag, value) in
+            [("--domain", "localhost"), ("--c2s", "127.0.0.1:0"), ("--c2s-tls", ""), ("--http", "127.0.0.1:0")]
+        {
             if !args.contains(&flag) {
                 all.extend([flag, value]);
             }
@@ -120,12 +105,7 @@ impl Node {
         let out = child.stdout.take().expect("stdout");
         let mut lines = std::io::BufReader::new(out).lines();
         let (mut c2s, mut http) = (0u16, 0u16);
-        let port = |a: &str| -> u16 {
-            a.rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .expect("port")
-        };
+        let port = |a: &str| -> u16 { a.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port") };
         for line in lines.by_ref() {
             let line = line.expect("stdout");
             if let Some(a) = line.strip_prefix("listening c2s ") {
@@ -137,17 +117,9 @@ impl Node {
                 break;
             }
         }
-        assert!(
-            (c2s != 0) == want_c2s && (http != 0) == want_http,
-            "listening lines missing"
-        );
+        assert!((c2s != 0) == want_c2s && (http != 0) == want_http, "listening lines missing");
         std::thread::spawn(move || for _ in lines {});
-        Node {
-            child,
-            dir,
-            c2s,
-            http,
-        }
+        Node { child, dir, c2s, http }
     }
 
     fn data(&self) -> PathBuf {
@@ -194,10 +166,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn hex_sha(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A raw XMPP client over plaintext loopback (PLAIN auth).
@@ -210,21 +179,14 @@ struct Xmpp {
 impl Xmpp {
     fn login(port: u16, local: &str) -> Xmpp {
         let sock = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        sock.set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut c = Xmpp {
-            sock,
-            framer: Framer::new(1 << 20),
-            ids: 0,
-        };
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = Xmpp { sock, framer: Framer::new(1 << 20), ids: 0 };
         let hdr = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
         c.send(hdr);
         c.frame();
         c.frame();
         let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{local}\0pw"));
-        c.send(&format!(
-            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>"
-        ));
+        c.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>"));
         match c.frame() {
             Frame::Stanza(e) if e.local_name() == "success" => {}
             other => panic!("auth failed: {other:?}"),
@@ -294,11 +256,7 @@ impl Xmpp {
         }
         let slot = r.child("slot", UPLOAD_NS).expect("slot");
         let url = |n: &str| {
-            slot.elements()
-                .find(|e| e.local_name() == n)
-                .and_then(|e| e.attr("url"))
-                .expect("url")
-                .to_string()
+            slot.elements().find(|e| e.local_name() == n).and_then(|e| e.attr("url")).expect("url").to_string()
         };
         Ok((url("put"), url("get")))
     }
@@ -314,9 +272,7 @@ impl Resp {
     fn header(&self, name: &str) -> Option<String> {
         self.headers.lines().find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
         })
     }
 
@@ -340,33 +296,27 @@ fn curl(node: &Node, args: &[&str]) -> Resp {
         .args(args)
         .output()
         .expect("curl");
-    let status = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
+    let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
     let headers = std::fs::read_to_string(&h).unwrap_or_default();
     let body = std::fs::read(&b).unwrap_or_default();
     let _ = std::fs::remove_file(&h);
     let _ = std::fs::remove_file(&b);
-    assert!(
-        status != 0,
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Resp {
-        status,
-        headers,
-        body,
-    }
+    assert!(status != 0, "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    Resp { status, headers, body }
 }
 
 fn put(node: &Node, url: &str, data: &[u8], ctype: &str) -> Resp {
+    put_with(node, url, data, ctype, "--http1.1")
+}
+
+/// PUT with curl; `version` is `--http1.1` or `--http2`.
+fn put_with(node: &Node, url: &str, data: &[u8], ctype: &str, version: &str) -> Resp {
     let f = unique("upload");
     std::fs::write(&f, data).unwrap();
     let r = curl(
         node,
         &[
-            "--http1.1",
+            version,
             "-X",
             "PUT",
             "-H",
@@ -388,13 +338,7 @@ fn get(node: &Node, url: &str, extra: &[&str]) -> Resp {
 
 /// Plain HTTP on loopback: writes `head`, then `body` pieces with
 /// `pause` between them; returns the status and the raw response.
-fn raw_http(
-    port: u16,
-    head: &str,
-    body: &[&[u8]],
-    pause: Duration,
-    wait: Duration,
-) -> (u16, String) {
+fn raw_http(port: u16, head: &str, body: &[&[u8]], pause: Duration, wait: Duration) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(wait)).unwrap();
     let _ = s.write_all(head.as_bytes());
@@ -430,9 +374,7 @@ fn raw_http(
 /// Path and query of a slot URL, for raw requests.
 fn path_of(url: &str) -> String {
     let rest = url.split_once("://").map(|x| x.1).unwrap_or(url);
-    rest.find('/')
-        .map(|i| rest[i..].to_string())
-        .unwrap_or_default()
+    rest.find('/').map(|i| rest[i..].to_string()).unwrap_or_default()
 }
 
 fn random(prefix: &[u8], len: usize) -> Vec<u8> {
@@ -458,43 +400,27 @@ fn photo_and_video_reach_their_tiers_and_the_recipient() {
     let (fast, bulk) = (root.join("ssd"), root.join("sata"));
     let node = Node::start_in(
         root.join("node"),
-        &config(&format!(
-            "fast_dir = {:?}\nbulk_dir = {:?}\n",
-            fast.display().to_string(),
-            bulk.display().to_string()
-        )),
+        &config(&format!("fast_dir = {:?}\nbulk_dir = {:?}\n", fast.display().to_string(), bulk.display().to_string())),
         &[],
     );
     let mut alice = Xmpp::login(node.c2s, ALICE);
 
     // The server advertises the service with its size limit.
-    let info = alice.iq("<iq type='get' id='ID' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>");
+    let info =
+        alice.iq("<iq type='get' id='ID' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>");
     let q = info.first_element().expect("query");
     assert!(q.elements().any(|e| e.local_name() == "identity"
         && e.attr("category") == Some("store")
         && e.attr("type") == Some("file")));
-    assert!(
-        q.elements()
-            .any(|e| e.local_name() == "feature" && e.attr("var") == Some(UPLOAD_NS))
-    );
+    assert!(q.elements().any(|e| e.local_name() == "feature" && e.attr("var") == Some(UPLOAD_NS)));
     let xml = info.to_xml();
-    assert!(
-        xml.contains("max-file-size") && xml.contains("104857600"),
-        "{xml}"
-    );
+    assert!(xml.contains("max-file-size") && xml.contains("104857600"), "{xml}");
 
     let photo = random(JPEG, 100 * 1024);
     let video = random(MP4, 3 * 1024 * 1024);
-    let (put_p, get_p) = alice
-        .slot("holiday photo.jpg", photo.len(), "image/jpeg")
-        .expect("photo slot");
-    let (put_v, get_v) = alice
-        .slot("clip.mp4", video.len(), "video/mp4")
-        .expect("video slot");
-    assert!(
-        put_p.starts_with(&format!("https://localhost:{}/media/", node.http)),
-        "{put_p}"
-    );
+    let (put_p, get_p) = alice.slot("holiday photo.jpg", photo.len(), "image/jpeg").expect("photo slot");
+    let (put_v, get_v) = alice.slot("clip.mp4", video.len(), "video/mp4").expect("video slot");
+    assert!(put_p.starts_with(&format!("https://localhost:{}/media/", node.http)), "{put_p}");
     assert!(get_p.ends_with("/holiday%20photo.jpg") && put_p.starts_with(&get_p));
     assert_ne!(get_p, get_v);
 
@@ -502,8 +428,9 @@ fn photo_and_video_reach_their_tiers_and_the_recipient() {
     assert_eq!(get(&node, &get_p, &[]).status, 404);
     let r = put(&node, &put_p, &photo, "image/jpeg");
     assert_eq!(r.status, 201, "{}", r.text());
-    let r = put(&node, &put_v, &video, "video/mp4");
+    let r = put_with(&node, &put_v, &video, "video/mp4", "--http2");
     assert_eq!(r.status, 201, "{}", r.text());
+    assert!(r.headers.starts_with("HTTP/2"), "{}", r.headers);
 
     // Each file lands in its tier, named by its SHA-256 in hashed
     // subdirectories; nothing is left in the temporary directories.
@@ -511,14 +438,8 @@ fn photo_and_video_reach_their_tiers_and_the_recipient() {
     let hv = hex_sha(&video);
     let fast_blob = fast.join(&hp[0..2]).join(&hp[2..4]).join(&hp);
     let bulk_blob = bulk.join(&hv[0..2]).join(&hv[2..4]).join(&hv);
-    assert_eq!(
-        std::fs::read(&fast_blob).expect("photo on the fast tier"),
-        photo
-    );
-    assert_eq!(
-        std::fs::read(&bulk_blob).expect("video on the bulk tier"),
-        video
-    );
+    assert_eq!(std::fs::read(&fast_blob).expect("photo on the fast tier"), photo);
+    assert_eq!(std::fs::read(&bulk_blob).expect("video on the bulk tier"), video);
     assert_eq!(files(&fast), vec![fast_blob]);
     assert_eq!(files(&bulk), vec![bulk_blob]);
 
@@ -531,11 +452,7 @@ fn photo_and_video_reach_their_tiers_and_the_recipient() {
     ));
     let mut bob = Xmpp::login(node.c2s, BOB);
     let m = bob.expect(|e| e.local_name() == "message" && e.attr("id") == Some("m1"));
-    let body = m
-        .elements()
-        .find(|e| e.local_name() == "body")
-        .map(|b| b.text())
-        .unwrap_or_default();
+    let body = m.elements().find(|e| e.local_name() == "body").map(|b| b.text()).unwrap_or_default();
     let links: Vec<&str> = body.split_whitespace().collect();
     assert_eq!(links, vec![get_p.as_str(), get_v.as_str()]);
     let r = get(&node, links[0], &[]);
@@ -543,26 +460,15 @@ fn photo_and_video_reach_their_tiers_and_the_recipient() {
     assert_eq!(r.body, photo);
     assert_eq!(r.header("content-type").as_deref(), Some("image/jpeg"));
     assert_eq!(r.header("etag"), Some(format!("\"{hp}\"")));
-    assert!(
-        r.header("cache-control")
-            .unwrap_or_default()
-            .contains("max-age")
-    );
-    assert!(
-        r.header("content-disposition")
-            .unwrap_or_default()
-            .starts_with("inline")
-    );
+    assert!(r.header("cache-control").unwrap_or_default().contains("max-age"));
+    assert!(r.header("content-disposition").unwrap_or_default().starts_with("inline"));
     let r = get(&node, links[1], &["--http2"]);
     assert_eq!(r.status, 200);
     assert!(r.headers.starts_with("HTTP/2"), "{}", r.headers);
     assert_eq!(r.header("content-type").as_deref(), Some("video/mp4"));
     assert!(r.body == video);
     // Downloads need the exact name, and unknown ids are 404.
-    assert_eq!(
-        get(&node, &get_p.replace("photo.jpg", "photo.png"), &[]).status,
-        404
-    );
+    assert_eq!(get(&node, &get_p.replace("photo.jpg", "photo.png"), &[]).status, 404);
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -577,10 +483,8 @@ fn duplicates_are_stored_once_and_reference_counted() {
     let (put2, get2) = bob.slot("forwarded.png", data.len(), "image/png").unwrap();
     assert_eq!(put(&node, &put1, &data, "image/png").status, 201);
     assert_eq!(put(&node, &put2, &data, "image/png").status, 201);
-    let blobs: Vec<PathBuf> = files(&node.fast())
-        .into_iter()
-        .filter(|p| !p.starts_with(node.fast().join("tmp")))
-        .collect();
+    let blobs: Vec<PathBuf> =
+        files(&node.fast()).into_iter().filter(|p| !p.starts_with(node.fast().join("tmp"))).collect();
     assert_eq!(blobs.len(), 1, "{blobs:?}");
     assert_eq!(get(&node, &get1, &[]).body, data);
     assert_eq!(get(&node, &get2, &[]).body, data);
@@ -612,10 +516,7 @@ fn range_and_conditional_downloads() {
     let r = get(&node, &g, &["-r", "100-199"]);
     assert_eq!(r.status, 206);
     assert_eq!(r.body, data[100..200]);
-    assert_eq!(
-        r.header("content-range").as_deref(),
-        Some("bytes 100-199/1000000")
-    );
+    assert_eq!(r.header("content-range").as_deref(), Some("bytes 100-199/1000000"));
     assert_eq!(r.header("content-length").as_deref(), Some("100"));
 
     let r = get(&node, &g, &["-H", "Range: bytes=-10"]);
@@ -638,17 +539,10 @@ fn range_and_conditional_downloads() {
 
     let r = get(&node, &g, &["-H", "Range: bytes=2000000-"]);
     assert_eq!(r.status, 416);
-    assert_eq!(
-        r.header("content-range").as_deref(),
-        Some("bytes */1000000")
-    );
+    assert_eq!(r.header("content-range").as_deref(), Some("bytes */1000000"));
 
     // A range for a changed file (If-Range mismatch) gets the whole file.
-    let r = get(
-        &node,
-        &g,
-        &["-H", "Range: bytes=0-9", "-H", "If-Range: \"other\""],
-    );
+    let r = get(&node, &g, &["-H", "Range: bytes=0-9", "-H", "If-Range: \"other\""]);
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), data.len());
 
@@ -667,11 +561,7 @@ fn range_and_conditional_downloads() {
 #[test]
 fn size_limits_and_quota() {
     let _w = watchdog(90, "limits");
-    let node = Node::start(
-        "limits",
-        &config("max_file_bytes = 200000\nquota_bytes = 300000"),
-        &[],
-    );
+    let node = Node::start("limits", &config("max_file_bytes = 200000\nquota_bytes = 300000"), &[]);
     let mut alice = Xmpp::login(node.c2s, ALICE);
 
     // Over the limit at slot time: XEP-0363 file-too-large with the limit.
@@ -715,14 +605,8 @@ fn size_limits_and_quota() {
     let (p1, _) = alice.slot("1.png", 150_000, "image/png").unwrap();
     let (p2, _) = alice.slot("2.png", 150_000, "image/png").unwrap();
     let (p3, _) = alice.slot("3.png", 150_000, "image/png").unwrap();
-    assert_eq!(
-        put(&node, &p1, &random(PNG, 150_000), "image/png").status,
-        201
-    );
-    assert_eq!(
-        put(&node, &p2, &random(PNG, 150_000), "image/png").status,
-        201
-    );
+    assert_eq!(put(&node, &p1, &random(PNG, 150_000), "image/png").status, 201);
+    assert_eq!(put(&node, &p2, &random(PNG, 150_000), "image/png").status, 201);
     let r = put(&node, &p3, &random(PNG, 150_000), "image/png");
     assert_eq!(r.status, 413);
     assert!(r.text().contains("quota"), "{}", r.text());
@@ -749,10 +633,7 @@ fn signatures_expiry_and_reuse() {
     let bad = String::from_utf8(bad).unwrap();
     let cases = [
         (bad, "invalid signature"),
-        (
-            p.replace(&format!("acct={ALICE}"), &format!("acct={BOB}")),
-            "invalid signature",
-        ),
+        (p.replace(&format!("acct={ALICE}"), &format!("acct={BOB}")), "invalid signature"),
         (p.replace("size=20000", "size=20001"), "invalid signature"),
         (p.replace("s.jpg?", "t.jpg?"), "invalid signature"),
         (g.clone(), "not a valid upload URL"),
@@ -812,18 +693,12 @@ fn path_traversal_is_impossible() {
     }
     // A file name with directories is reduced to its last component.
     let data = b"just text".to_vec();
-    let (p, g) = alice
-        .slot("../../../../tmp/evil.txt", data.len(), "text/plain")
-        .unwrap();
+    let (p, g) = alice.slot("../../../../tmp/evil.txt", data.len(), "text/plain").unwrap();
     assert!(g.ends_with("/evil.txt"), "{g}");
     assert_eq!(put(&node, &p, &data, "text/plain").status, 201);
     let r = get(&node, &g, &[]);
     assert_eq!(r.body, data);
-    assert!(
-        r.header("content-disposition")
-            .unwrap_or_default()
-            .starts_with("attachment")
-    );
+    assert!(r.header("content-disposition").unwrap_or_default().starts_with("attachment"));
     assert_eq!(files(&node.bulk()).len(), 1);
 }
 
@@ -841,24 +716,15 @@ fn declared_type_must_match_the_content() {
         let (p, g) = alice.slot(name, content.len(), declared).unwrap();
         let r = put(&node, &p, &content, declared);
         assert_eq!(r.status, 415, "{declared}: {}", r.text());
-        assert!(
-            r.text().contains(&format!("declares {declared}")),
-            "{}",
-            r.text()
-        );
+        assert!(r.text().contains(&format!("declares {declared}")), "{}", r.text());
         assert_eq!(get(&node, &g, &[]).status, 404);
     }
     assert!(files(&node.fast()).is_empty(), "{:?}", files(&node.fast()));
     assert!(files(&node.bulk()).is_empty(), "{:?}", files(&node.bulk()));
     // Any content may be sent as application/octet-stream.
     let data = random(PNG, 1000);
-    let (p, _) = alice
-        .slot("blob.bin", data.len(), "application/octet-stream")
-        .unwrap();
-    assert_eq!(
-        put(&node, &p, &data, "application/octet-stream").status,
-        201
-    );
+    let (p, _) = alice.slot("blob.bin", data.len(), "application/octet-stream").unwrap();
+    assert_eq!(put(&node, &p, &data, "application/octet-stream").status, 201);
     assert_eq!(files(&node.bulk()).len(), 1);
 }
 
@@ -883,13 +749,7 @@ fn slow_uploads_are_cut_off_and_cleaned_up() {
     );
     let t = Instant::now();
     let first = random(PNG, 8192);
-    let (st, text) = raw_http(
-        node.http,
-        &head,
-        &[&first],
-        Duration::from_millis(10),
-        Duration::from_secs(10),
-    );
+    let (st, text) = raw_http(node.http, &head, &[&first], Duration::from_millis(10), Duration::from_secs(10));
     assert_eq!(st, 408, "{text}");
     assert!(text.contains("no data"), "{text}");
     assert!(t.elapsed() < Duration::from_secs(6));
@@ -905,13 +765,7 @@ fn slow_uploads_are_cut_off_and_cleaned_up() {
     pieces.extend((0..60).map(|_| vec![0u8; 20]));
     let refs: Vec<&[u8]> = pieces.iter().map(|v| v.as_slice()).collect();
     let t = Instant::now();
-    let (st, text) = raw_http(
-        node.http,
-        &head,
-        &refs,
-        Duration::from_millis(100),
-        Duration::from_secs(10),
-    );
+    let (st, text) = raw_http(node.http, &head, &refs, Duration::from_millis(100), Duration::from_secs(10));
     assert_eq!(st, 408, "{text}");
     assert!(text.contains("too slow"), "{text}");
     assert!(t.elapsed() < Duration::from_secs(8));
@@ -923,13 +777,8 @@ fn slow_uploads_are_cut_off_and_cleaned_up() {
 
     // Headers that never finish: the connection is dropped.
     let t = Instant::now();
-    let (st, _) = raw_http(
-        node.http,
-        "GET /media/x",
-        &[b"/y HTTP/1.1\r\n"],
-        Duration::from_millis(100),
-        Duration::from_secs(8),
-    );
+    let (st, _) =
+        raw_http(node.http, "GET /media/x", &[b"/y HTTP/1.1\r\n"], Duration::from_millis(100), Duration::from_secs(8));
     assert!(st == 0 || st == 408, "{st}");
     assert!(t.elapsed() < Duration::from_secs(6));
 
@@ -937,10 +786,7 @@ fn slow_uploads_are_cut_off_and_cleaned_up() {
     let (p, _) = alice.slot("cut.png", 100_000, "image/png").unwrap();
     {
         let mut s = TcpStream::connect(("127.0.0.1", node.http)).unwrap();
-        let head = format!(
-            "PUT {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n",
-            path_of(&p)
-        );
+        let head = format!("PUT {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n", path_of(&p));
         s.write_all(head.as_bytes()).unwrap();
         s.write_all(&random(PNG, 50_000)).unwrap();
         std::thread::sleep(Duration::from_millis(300));
@@ -953,11 +799,7 @@ fn slow_uploads_are_cut_off_and_cleaned_up() {
 fn reaper_deletes_expired_media() {
     let _w = watchdog(90, "reaper");
     // 0.00003 days is about 2.6 seconds.
-    let node = Node::start(
-        "reaper",
-        &config("expiry_days = 0.00003\nreap_interval_secs = 1"),
-        &[],
-    );
+    let node = Node::start("reaper", &config("expiry_days = 0.00003\nreap_interval_secs = 1"), &[]);
     let mut alice = Xmpp::login(node.c2s, ALICE);
     let data = random(MP4, 100_000);
     let (p, g) = alice.slot("old.mp4", data.len(), "video/mp4").unwrap();
@@ -968,10 +810,7 @@ fn reaper_deletes_expired_media() {
     while !files(&node.bulk()).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(
-        files(&node.bulk()).is_empty(),
-        "expired media still on disk"
-    );
+    assert!(files(&node.bulk()).is_empty(), "expired media still on disk");
     assert_eq!(get(&node, &g, &[]).status, 404);
     // The account's quota is released too: a new upload fits again.
     assert!(alice.slot("new.mp4", 100, "video/mp4").is_ok());
@@ -981,17 +820,11 @@ fn reaper_deletes_expired_media() {
 fn chat_and_media_roles_run_apart() {
     let _w = watchdog(90, "roles");
     let secret = "slot-secret-shared-by-both-nodes";
-    let media = Node::start(
-        "role-media",
-        &config(&format!("slot_secret = {secret:?}")),
-        &["--role", "media"],
-    );
+    let media = Node::start("role-media", &config(&format!("slot_secret = {secret:?}")), &["--role", "media"]);
     let public = format!("https://localhost:{}", media.http);
     let chat = Node::start(
         "role-chat",
-        &config(&format!(
-            "slot_secret = {secret:?}\npublic_url = {public:?}"
-        )),
+        &config(&format!("slot_secret = {secret:?}\npublic_url = {public:?}")),
         &["--role", "chat", "--http", ""],
     );
     assert!(TcpStream::connect(("127.0.0.1", media.c2s)).is_err() || media.c2s == 0);
