@@ -820,20 +820,39 @@ fn reaper_deletes_expired_media() {
 fn chat_and_media_roles_run_apart() {
     let _w = watchdog(90, "roles");
     let secret = "slot-secret-shared-by-both-nodes";
-    let media = Node::start("role-media", &config(&format!("slot_secret = {secret:?}")), &["--role", "media"]);
-    let public = format!("https://localhost:{}", media.http);
+    let cfg = config(&format!("slot_secret = {secret:?}"));
+    let media1 = Node::start("role-media1", &cfg, &["--role", "media"]);
+    let media2 = Node::start("role-media2", &cfg, &["--role", "media"]);
+    let (pub1, pub2) = (format!("https://localhost:{}", media1.http), format!("https://localhost:{}", media2.http));
     let chat = Node::start(
         "role-chat",
-        &config(&format!("slot_secret = {secret:?}\npublic_url = {public:?}")),
+        &config(&format!("slot_secret = {secret:?}\npublic_url = \"{pub1} {pub2}/\"")),
         &["--role", "chat", "--http", ""],
     );
-    assert!(TcpStream::connect(("127.0.0.1", media.c2s)).is_err() || media.c2s == 0);
     let mut alice = Xmpp::login(chat.c2s, ALICE);
-    let data = random(JPEG, 10_000);
-    let (p, g) = alice.slot("x.jpg", data.len(), "image/jpeg").unwrap();
-    assert!(p.starts_with(&public), "{p}");
-    assert_eq!(put(&media, &p, &data, "image/jpeg").status, 201);
-    assert_eq!(get(&media, &g, &[]).body, data);
-    assert_eq!(files(&media.fast()).len(), 1);
+    let info =
+        alice.iq("<iq type='get' id='ID' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>");
+    assert!(info.to_xml().contains(UPLOAD_NS));
+    // Slots are spread over both media nodes; each stores what it got.
+    let mut seen = (0, 0);
+    for i in 0..16 {
+        let data = random(JPEG, 10_000 + i);
+        let (p, g) = alice.slot("x.jpg", data.len(), "image/jpeg").unwrap();
+        let node = if p.starts_with(&format!("{pub1}/")) {
+            seen.0 += 1;
+            &media1
+        } else {
+            assert!(p.starts_with(&format!("{pub2}/media/")), "{p}");
+            seen.1 += 1;
+            &media2
+        };
+        assert_eq!(put(node, &p, &data, "image/jpeg").status, 201);
+        assert_eq!(get(node, &g, &[]).body, data);
+    }
+    assert!(seen.0 > 0 && seen.1 > 0, "{seen:?}");
+    assert_eq!(files(&media1.fast()).len() + files(&media2.fast()).len(), 16);
+    // The chat node stores no media.
     assert!(!chat.data().join("media").join("fast").exists());
+    // A media node speaks no XMPP.
+    assert_eq!(media1.c2s, 0);
 }

@@ -72,8 +72,9 @@ pub struct MediaConfig {
     /// Seconds a slot's PUT URL stays valid.
     pub slot_ttl_secs: u64,
     /// Base URL of the media service in slot URLs, e.g.
-    /// `https://media.example.com`. Empty: `https://DOMAIN:PORT` with the
-    /// bound HTTP port.
+    /// `https://media.example.com`; several, separated by spaces, spread
+    /// slots over several media nodes. Empty: `https://DOMAIN:PORT` with
+    /// the bound HTTP port.
     pub public_url: String,
     /// Seconds an upload may go without receiving a byte.
     pub idle_timeout_secs: u64,
@@ -118,13 +119,13 @@ impl MediaConfig {
         if !self.slot_secret.is_empty() && self.slot_secret.len() < 16 {
             bail!("media.slot_secret must be at least 16 characters");
         }
-        let u = &self.public_url;
-        if !u.is_empty()
-            && (!(u.starts_with("https://") || u.starts_with("http://"))
-                || u.contains(['?', '#', ' '])
-                || u.trim_end_matches('/').matches('/').count() < 2)
-        {
-            bail!("media.public_url {u:?} must be an http(s) URL without query or fragment");
+        for u in self.public_url.split_whitespace() {
+            if !(u.starts_with("https://") || u.starts_with("http://"))
+                || u.contains(['?', '#'])
+                || u.trim_end_matches('/').matches('/').count() < 2
+            {
+                bail!("media.public_url {u:?} must be an http(s) URL without query or fragment");
+            }
         }
         Ok(())
     }

@@ -167,7 +167,8 @@ pub struct Urls {
 /// Issues slots for the XMPP side.
 pub struct Issuer {
     key: Vec<u8>,
-    base: String,
+    /// Media nodes' base URLs; each slot goes to one of them.
+    bases: Vec<String>,
     pub max_file_bytes: u64,
     ttl_secs: u64,
     /// The local media service, for an early quota check (role `all`).
@@ -175,10 +176,11 @@ pub struct Issuer {
 }
 
 impl Issuer {
+    /// `base` is one base URL or several separated by spaces.
     pub fn new(cfg: &MediaConfig, key: Vec<u8>, base: &str, local: Option<Arc<Media>>) -> Issuer {
         Issuer {
             key,
-            base: base.trim_end_matches('/').to_string(),
+            bases: base.split_whitespace().map(|b| b.trim_end_matches('/').to_string()).collect(),
             max_file_bytes: cfg.max_file_bytes,
             ttl_secs: cfg.slot_ttl_secs,
             local,
@@ -226,7 +228,9 @@ impl Issuer {
             content_type,
             expires: super::now_ms() / 1000 + self.ttl_secs,
         };
-        let get = format!("{}/media/{}/{}", self.base, slot.id, escape(&slot.filename));
+        let n = self.bases.len().max(1);
+        let base = self.bases.get(rand::random::<usize>() % n).map_or("", String::as_str);
+        let get = format!("{base}/media/{}/{}", slot.id, escape(&slot.filename));
         let put = format!("{get}?{}", sign(&self.key, &slot));
         Ok(Urls { put, get })
     }
