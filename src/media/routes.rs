@@ -5,6 +5,7 @@
 //! wrong (403 signature or expiry, 411/400/413 sizes, 415 type mismatch,
 //! 408 too slow, 409 slot already used) and leaves nothing on disk.
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,6 @@ use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use std::io::Read as _;
 use tokio::io::AsyncWriteExt;
 
 use super::body::{FileBody, Part, RangeRequest, parse_range};
