@@ -61,6 +61,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+# Ports below the ephemeral range (32768+): the generator's own client
+# sockets can hold any port in that range.
 port_free() { [[ -z "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]]; }
 free_port() {  # the first port from $1 on that nothing listens on
     local p=$1
@@ -68,9 +70,9 @@ free_port() {  # the first port from $1 on that nothing listens on
     echo "$p"
 }
 CHATD_PORT=$(free_port "${BENCH_CHATD_PORT:-15222}")
-EJABBERD_PORT=$(free_port "${BENCH_EJABBERD_PORT:-25222}")
-PROSODY_PORT=$(free_port "${BENCH_PROSODY_PORT:-35222}")
-REFERENCE_PORT=$(free_port "${BENCH_REFERENCE_PORT:-45222}")
+EJABBERD_PORT=$(free_port "${BENCH_EJABBERD_PORT:-15322}")
+PROSODY_PORT=$(free_port "${BENCH_PROSODY_PORT:-15422}")
+REFERENCE_PORT=$(free_port "${BENCH_REFERENCE_PORT:-15522}")
 DOMAIN=localhost
 PASSWORD=bench-secret
 NOFILE="${BENCH_NOFILE:-20000}"
