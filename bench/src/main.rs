@@ -193,7 +193,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 5.0)]
     settle: f64,
     /// Target message rates (msgs/s) of the steady steps.
-    #[arg(long, value_delimiter = ',', default_value = "1000,2000,5000,10000,20000,50000,100000,200000")]
+    #[arg(long, value_delimiter = ',', default_value = "200,500,1000,2000,5000,10000,20000,50000,100000,200000")]
     rates: Vec<f64>,
     /// Seconds each step sends.
     #[arg(long, default_value_t = 5.0)]

@@ -329,10 +329,10 @@ fn latency_panel(sums: &[ServerSummary], area: &DrawingArea<BitMapBackend<'_>, S
         })
         .draw()
         .map_err(|x| e(&x))?;
-    ch.draw_series(DashedLineSeries::new(vec![(xmin, limit), (xmax, limit)], 8, 6, BLACK.mix(0.6).stroke_width(2)))
+    ch.draw_series(DashedLineSeries::new(vec![(xmin, limit), (xmax, limit)], 8, 6, RED.mix(0.6).stroke_width(1)))
         .map_err(|x| e(&x))?
         .label(format!("p99 limit {limit} ms"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6).stroke_width(2)));
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.mix(0.6).stroke_width(1)));
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = color_of_server(name, i);
         ch.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))

@@ -84,8 +84,10 @@ impl Conn {
         c.buf.clear();
         c.send(&hdr).await?;
         c.until("</stream:features>").await?;
-        c.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>gb</resource></bind></iq>")
-            .await?;
+        c.send(
+            "<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>gb</resource></bind></iq>",
+        )
+        .await?;
         c.until("</iq>").await?;
         if sm {
             c.send("<enable xmlns='urn:xmpp:sm:3'/>").await?;
@@ -200,9 +202,7 @@ async fn main() -> anyhow::Result<()> {
     // The poster (member 0) creates the group.
     let mut poster = Conn::login(&a, 0, true).await?;
     poster.send("<presence/>").await?;
-    let members: String = (1..a.members)
-        .map(|i| format!("<member jid='{}@{}'/>", local(&a, i), a.domain))
-        .collect();
+    let members: String = (1..a.members).map(|i| format!("<member jid='{}@{}'/>", local(&a, i), a.domain)).collect();
     poster
         .send(&format!(
             "<iq type='set' id='mk' to='groups.{}'><create xmlns='urn:chatd:groups:0' subject='bench'>{members}</create></iq>",
@@ -243,7 +243,9 @@ async fn main() -> anyhow::Result<()> {
                     break;
                 }
                 tail.push_str(&String::from_utf8_lossy(&chunk[..n]));
-                while let Some(i) = tail.find("<a xmlns='urn:xmpp:sm:3' h='").or_else(|| tail.find("<a xmlns=\"urn:xmpp:sm:3\" h=\"")) {
+                while let Some(i) =
+                    tail.find("<a xmlns='urn:xmpp:sm:3' h='").or_else(|| tail.find("<a xmlns=\"urn:xmpp:sm:3\" h=\""))
+                {
                     let rest = &tail[i + 28..];
                     if let Some(e) = rest.find(['\'', '"']) {
                         if let Ok(h) = rest[..e].parse::<u64>() {
@@ -261,7 +263,9 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    println!("| group msgs/s target | accepted (acked) msgs/s | member deliveries/s | live deliveries/s | p50 ms | p99 ms |");
+    println!(
+        "| group msgs/s target | accepted (acked) msgs/s | member deliveries/s | live deliveries/s | p50 ms | p99 ms |"
+    );
     println!("|---|---|---|---|---|---|");
     // `presence` counted as stanza 1 after <enable/>.
     let mut sent: u64 = 1;
@@ -277,7 +281,9 @@ async fn main() -> anyhow::Result<()> {
         let mut n = 0u64;
         while Instant::now() < end {
             let stamp = now_us(t0);
-            let m = format!("<message type='groupchat' to='{gid}'><body>{stamp} {n}</body></message><r xmlns='urn:xmpp:sm:3'/>");
+            let m = format!(
+                "<message type='groupchat' to='{gid}'><body>{stamp} {n}</body></message><r xmlns='urn:xmpp:sm:3'/>"
+            );
             pw.write_all(m.as_bytes()).await?;
             sent += 1;
             n += 1;
