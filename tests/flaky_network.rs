@@ -12,9 +12,11 @@
 //! Size via env: `FLAKY_CLIENTS` (default 24), `FLAKY_MESSAGES` per
 //! client (default 40), `FLAKY_KILL` (default 1: one kill -9 mid-run).
 
+mod common;
+
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{BufRead, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,29 +36,7 @@ struct Server {
 }
 
 fn start_server(dir: &std::path::Path, cfg: &std::path::Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-        .args(["serve", "--config"])
-        .arg(cfg)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--domain", "localhost", "--c2s", "127.0.0.1:0", "--c2s-tls", "", "--allow-plaintext"])
-        .env("CHATD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start chatd");
-    let out = child.stdout.take().expect("stdout");
-    let mut lines = std::io::BufReader::new(out).lines();
-    let mut port = 0;
-    for line in lines.by_ref() {
-        let line = line.expect("read stdout");
-        if let Some(a) = line.strip_prefix("listening c2s ") {
-            port = a.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
-            break;
-        }
-    }
-    assert!(port != 0, "server did not report its c2s port");
-    std::thread::spawn(move || for _ in lines {});
+    let (child, port, _) = common::spawn(dir, cfg);
     Server { child, port }
 }
 

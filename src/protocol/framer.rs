@@ -115,6 +115,12 @@ impl Framer {
 
     /// Appends received bytes.
     pub fn feed(&mut self, data: &[u8]) {
+        self.compact();
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Drops the bytes of frames already returned.
+    fn compact(&mut self) {
         if self.consumed > 0 {
             let c = self.consumed;
             self.buf.drain(..c);
@@ -122,19 +128,12 @@ impl Framer {
             self.start = self.start.map(|s| s - c);
             self.consumed = 0;
         }
-        self.buf.extend_from_slice(data);
     }
 
     /// The buffer to read socket bytes into (appended at its end), with
     /// room reserved. Lets the connection read without a buffer of its own.
     pub fn read_buffer(&mut self) -> &mut Vec<u8> {
-        if self.consumed > 0 {
-            let c = self.consumed;
-            self.buf.drain(..c);
-            self.pos -= c;
-            self.start = self.start.map(|s| s - c);
-            self.consumed = 0;
-        }
+        self.compact();
         self.buf.reserve(8192);
         &mut self.buf
     }
