@@ -35,6 +35,8 @@ pub struct Server {
     pub discovery: crate::modules::discovery::Throttle,
     /// In-band registrations per client IP.
     pub ibr_limit: crate::modules::register::IpLimit,
+    /// Sessions waiting for their stanzas to become durable.
+    pub durable: Arc<crate::storage::waiters::Waiters>,
 }
 
 impl Server {
@@ -68,6 +70,7 @@ impl Server {
             media: Default::default(),
             discovery: Default::default(),
             ibr_limit: Default::default(),
+            durable: Default::default(),
         }))
     }
 
@@ -145,6 +148,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let admin = crate::admin::listen(srv.clone()).await?;
     let mut tasks = Vec::new();
+    {
+        let w = srv.durable.clone();
+        let rx = srv.stores.durability.committed();
+        tasks.push(tokio::spawn(async move { w.run(rx).await }));
+    }
     // HTTP and media first: once a c2s line is printed, everything a
     // client can ask for (upload slots included) is ready.
     let api = crate::api::accounts::routes(srv.clone())?;

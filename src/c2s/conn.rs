@@ -106,6 +106,8 @@ struct Conn {
     peer_closed: bool,
     pending_acks: std::collections::VecDeque<(u32, u64)>,
     live_ping: Option<Instant>,
+    /// Fires when the oldest pending `<a/>` may be sent.
+    ack_wait: Option<tokio::sync::oneshot::Receiver<()>>,
     /// The connection ended because the transport failed (EOF, reset,
     /// write error) rather than by a stream error or clean close.
     closing_was_transport: bool,
@@ -133,6 +135,7 @@ pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls
         peer_closed: false,
         pending_acks: Default::default(),
         live_ping: None,
+        ack_wait: None,
         closing_was_transport: false,
     };
     if direct_tls && !c.upgrade_tls().await {
@@ -204,7 +207,6 @@ impl Conn {
         let handshake_deadline = Instant::now() + Duration::from_secs(limits.handshake_timeout_secs);
         let ping_interval = Duration::from_secs(limits.ping_interval_secs.max(1));
         let ping_timeout = Duration::from_secs(limits.ping_timeout_secs.max(1));
-        let mut committed = self.srv.stores.durability.committed();
         let mut shutdown = self.srv.shutdown.subscribe();
         loop {
             // Read the offline backlog in bounded batches between writes.
@@ -222,7 +224,17 @@ impl Conn {
                 (Some(s), None) => s.last_rx + ping_interval,
             };
             let has_rx = self.rx.is_some();
-            let waiting_acks = !self.pending_acks.is_empty();
+            // Register for the oldest pending <a/>'s ticket, once.
+            if self.ack_wait.is_none()
+                && let Some(&(_, t)) = self.pending_acks.front()
+            {
+                self.ack_wait = self.srv.durable.wait(t);
+                if self.ack_wait.is_none() {
+                    self.release_acks(self.srv.durable.committed());
+                    continue;
+                }
+            }
+            let waiting_acks = self.ack_wait.is_some();
             tokio::select! {
                 r = self.io.read_into(&mut self.framer) => {
                     match r {
@@ -256,9 +268,9 @@ impl Conn {
                         }
                     }
                 }
-                _ = committed.changed(), if waiting_acks => {
-                    let c = *committed.borrow_and_update();
-                    self.release_acks(c);
+                _ = wait_ack(&mut self.ack_wait), if waiting_acks => {
+                    self.ack_wait = None;
+                    self.release_acks(self.srv.durable.committed());
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     match &mut self.session {
@@ -355,8 +367,7 @@ impl Conn {
             }
         }
         if !self.pending_acks.is_empty() {
-            let c = *self.srv.stores.durability.committed().borrow();
-            self.release_acks(c);
+            self.release_acks(self.srv.durable.committed());
         }
         if !self.out.is_empty() {
             let ok = self.write_timed(false).await;
@@ -802,6 +813,15 @@ async fn park(mut s: Session, mut rx: mpsc::Receiver<Outbound>, timeout: Duratio
     }
     tracing::debug!(jid = %s.jid, "resumption window over; session ended");
     s.end();
+}
+
+async fn wait_ack(w: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
+    match w {
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_takeover(rx: Option<&mut mpsc::Receiver<Takeover>>) -> Option<Takeover> {

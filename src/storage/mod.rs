@@ -20,6 +20,7 @@
 pub mod codec;
 pub mod fjall_store;
 pub mod memory;
+pub mod waiters;
 
 use std::sync::Arc;
 
