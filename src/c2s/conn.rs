@@ -371,10 +371,8 @@ impl Conn {
         }
         if !self.out.is_empty() {
             let ok = self.write_timed(false).await;
-            self.out.clear();
-            if self.out.capacity() > 64 * 1024 {
-                self.out = String::new();
-            }
+            // Negotiation output: not needed once the session runs.
+            self.out = String::new();
             if !ok {
                 return false;
             }
@@ -385,7 +383,8 @@ impl Conn {
             let ok = self.write_timed(true).await;
             if let Some(s) = self.session.as_mut() {
                 s.out.clear();
-                if s.out.capacity() > 64 * 1024 {
+                // Idle sessions keep at most a small buffer.
+                if s.out.capacity() > 4096 {
                     s.out = String::new();
                 }
             }

@@ -81,7 +81,6 @@ pub struct Framer {
     /// Start of the top-level element being scanned.
     start: Option<usize>,
     max_stanza: usize,
-    scope: Scope,
     /// Whether anything but whitespace was seen (XML decl allowed before).
     seen_markup: bool,
     /// Bytes at the front of `buf` already returned; dropped lazily on the
@@ -97,7 +96,6 @@ impl Framer {
             depth: 0,
             start: None,
             max_stanza,
-            scope: Scope::client_stream(),
             seen_markup: false,
             consumed: 0,
         }
@@ -275,7 +273,7 @@ impl Framer {
                         if empty {
                             return Err(FrameError::NotWellFormed("empty stream header".into()));
                         }
-                        let header = parse_start_tag(&self.buf[lt..=gt], &self.scope)?;
+                        let header = parse_start_tag(&self.buf[lt..=gt], client_scope())?;
                         if header.local_name() != "stream" || header.ns != ns::STREAM {
                             return Err(FrameError::InvalidNamespace("stream element"));
                         }
@@ -305,10 +303,17 @@ impl Framer {
         if end - start > self.max_stanza {
             return Err(FrameError::TooBig(self.max_stanza));
         }
-        let el = parse_element(&self.buf[start..end], &self.scope)?;
+        let el = parse_element(&self.buf[start..end], client_scope())?;
         self.consume(end);
         Ok(Frame::Stanza(el))
     }
+}
+
+/// The namespace scope of a client stream, built once per process rather
+/// than once per connection.
+fn client_scope() -> &'static Scope {
+    static SCOPE: std::sync::OnceLock<Scope> = std::sync::OnceLock::new();
+    SCOPE.get_or_init(Scope::client_stream)
 }
 
 /// Finds the `>` closing a start tag, skipping quoted attribute values.
