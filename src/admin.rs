@@ -25,8 +25,14 @@ use crate::storage::{Stores, UserRecord};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Creates accounts; fails if any exists unless `replace`.
-    Put { users: Vec<(String, UserRecord)>, replace: bool, must_exist: bool },
-    Delete { local: String },
+    Put {
+        users: Vec<(String, UserRecord)>,
+        replace: bool,
+        must_exist: bool,
+    },
+    Delete {
+        local: String,
+    },
     List,
 }
 
@@ -47,12 +53,7 @@ fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Executes a request against the stores (and the live server, if any).
 pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response {
-    let fail = |e: String| Response {
-        ok: false,
-        error: Some(e),
-        users: Vec::new(),
-        count: 0,
-    };
+    let fail = |e: String| Response { ok: false, error: Some(e), users: Vec::new(), count: 0 };
     match req {
         Request::Put { users, replace, must_exist } => {
             for (local, _) in &users {
@@ -76,12 +77,7 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                     srv.kick_account(local);
                 }
             }
-            Response {
-                ok: true,
-                error: None,
-                users: Vec::new(),
-                count: users.len(),
-            }
+            Response { ok: true, error: None, users: Vec::new(), count: users.len() }
         }
         Request::Delete { local } => {
             match stores.users.get_user(&local) {
@@ -103,22 +99,12 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                 srv.registry.with(&local, |e| e.queued = Some(0));
             }
             match r {
-                Ok(_) => Response {
-                    ok: true,
-                    error: None,
-                    users: Vec::new(),
-                    count: 1,
-                },
+                Ok(_) => Response { ok: true, error: None, users: Vec::new(), count: 1 },
                 Err(e) => fail(e.to_string()),
             }
         }
         Request::List => match stores.users.list_users() {
-            Ok(users) => Response {
-                ok: true,
-                error: None,
-                count: users.len(),
-                users,
-            },
+            Ok(users) => Response { ok: true, error: None, count: users.len(), users },
             Err(e) => fail(e.to_string()),
         },
     }

@@ -44,10 +44,7 @@ pub struct Groups {
 
 impl Default for Groups {
     fn default() -> Self {
-        Groups {
-            service: String::new(),
-            max_members: 1024,
-        }
+        Groups { service: String::new(), max_members: 1024 }
     }
 }
 
@@ -60,9 +57,7 @@ pub struct Profile {
 
 impl Default for Profile {
     fn default() -> Self {
-        Profile {
-            max_avatar_bytes: 96 * 1024,
-        }
+        Profile { max_avatar_bytes: 96 * 1024 }
     }
 }
 
@@ -78,10 +73,7 @@ pub struct Registration {
 
 impl Default for Registration {
     fn default() -> Self {
-        Registration {
-            in_band: false,
-            in_band_per_ip_per_hour: 10,
-        }
+        Registration { in_band: false, in_band_per_ip_per_hour: 10 }
     }
 }
 
@@ -96,10 +88,7 @@ pub struct Discovery {
 
 impl Default for Discovery {
     fn default() -> Self {
-        Discovery {
-            max_batch: 500,
-            max_per_hour: 2000,
-        }
+        Discovery { max_batch: 500, max_per_hour: 2000 }
     }
 }
 
@@ -240,11 +229,7 @@ impl Default for Limits {
 
 impl Default for Offline {
     fn default() -> Self {
-        Offline {
-            max_queue: 10_000,
-            expiry_days: 30,
-            reap_interval_secs: 3600,
-        }
+        Offline { max_queue: 10_000, expiry_days: 30, reap_interval_secs: 3600 }
     }
 }
 
@@ -256,9 +241,7 @@ impl Default for Auth {
 
 impl Default for Phone {
     fn default() -> Self {
-        Phone {
-            default_region: "US".into(),
-        }
+        Phone { default_region: "US".into() }
     }
 }
 
@@ -351,8 +334,7 @@ impl Config {
 /// When it is not an address.
 pub fn parse_addr(s: &str) -> anyhow::Result<SocketAddr> {
     let s2 = s.replace("localhost:", "127.0.0.1:");
-    s2.parse::<SocketAddr>()
-        .with_context(|| format!("{s:?} is not HOST:PORT"))
+    s2.parse::<SocketAddr>().with_context(|| format!("{s:?} is not HOST:PORT"))
 }
 
 #[cfg(test)]

@@ -87,10 +87,7 @@ enum UserCmd {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHATD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,34 +104,15 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Serve {
-            common,
-            domain,
-            c2s,
-            c2s_tls,
-            http,
-            allow_plaintext,
-            role,
-        } => {
-            let ov = Overrides {
-                data_dir: common.data_dir,
-                domain,
-                c2s,
-                c2s_tls,
-                http,
-                allow_plaintext,
-                role,
-            };
+        Cmd::Serve { common, domain, c2s, c2s_tls, http, allow_plaintext, role } => {
+            let ov = Overrides { data_dir: common.data_dir, domain, c2s, c2s_tls, http, allow_plaintext, role };
             let cfg = Config::load(common.config.as_deref(), &ov)?;
             raise_nofile_limit();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(chatd::server::serve(cfg))
         }
         Cmd::User { common, cmd } => {
-            let ov = Overrides {
-                data_dir: common.data_dir,
-                ..Default::default()
-            };
+            let ov = Overrides { data_dir: common.data_dir, ..Default::default() };
             let cfg = Config::load(common.config.as_deref(), &ov)?;
             user(&cfg, cmd)
         }
@@ -228,7 +206,9 @@ fn import(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
     std::thread::scope(|sc| {
         let handles: Vec<_> = rows
             .chunks(chunk)
-            .map(|part| sc.spawn(move || part.iter().map(|(l, p)| (l.clone(), make_record(p, iters, now))).collect::<Vec<_>>()))
+            .map(|part| {
+                sc.spawn(move || part.iter().map(|(l, p)| (l.clone(), make_record(p, iters, now))).collect::<Vec<_>>())
+            })
             .collect();
         for h in handles {
             if let Ok(v) = h.join() {

@@ -80,7 +80,11 @@ pub trait Router: Send + Sync {
     ///
     /// # Errors
     /// `internal-server-error` when the store fails.
-    fn fanout(&self, recipients: &[String], build: &dyn Fn(&str, u64) -> String) -> Result<(Ticket, Vec<String>), StanzaError>;
+    fn fanout(
+        &self,
+        recipients: &[String],
+        build: &dyn Fn(&str, u64) -> String,
+    ) -> Result<(Ticket, Vec<String>), StanzaError>;
 }
 
 /// Single-node router over the local registry and store.
@@ -104,14 +108,7 @@ impl LocalRouter {
         max_queue: usize,
     ) -> crate::storage::Result<LocalRouter> {
         let start = offline.max_seq()?;
-        Ok(LocalRouter {
-            domain: domain.to_string(),
-            registry,
-            offline,
-            users,
-            seq: AtomicU64::new(start),
-            max_queue,
-        })
+        Ok(LocalRouter { domain: domain.to_string(), registry, offline, users, seq: AtomicU64::new(start), max_queue })
     }
 }
 
@@ -167,21 +164,11 @@ impl Router for LocalRouter {
                     .with_attr("by", bare.as_str()),
             );
             let xml = stanza.to_xml();
-            let rec = StoredMessage {
-                ts_ms: crate::accounts::now_ms(),
-                xml,
-            };
-            let ticket = self
-                .offline
-                .push(&[(local, seq, &rec)])
-                .map_err(|_| StanzaError::InternalServerError)?;
+            let rec = StoredMessage { ts_ms: crate::accounts::now_ms(), xml };
+            let ticket = self.offline.push(&[(local, seq, &rec)]).map_err(|_| StanzaError::InternalServerError)?;
             e.queued = Some(queued + 1);
             let xml: Arc<str> = rec.xml.into();
-            let full_target = to
-                .resource
-                .as_deref()
-                .and_then(|r| e.by_resource(r))
-                .map(|s| s.id);
+            let full_target = to.resource.as_deref().and_then(|r| e.by_resource(r)).map(|s| s.id);
             let mut slow = Vec::new();
             for s in e.sessions.iter() {
                 let wanted = match full_target {
@@ -249,10 +236,7 @@ impl Router for LocalRouter {
 
     fn pending(&self, local: &str, after: u64, upto: u64, limit: usize) -> Vec<(u64, Arc<str>)> {
         match self.offline.list(local, after, upto, limit) {
-            Ok(v) => v
-                .into_iter()
-                .map(|(seq, m)| (seq, with_delay(&m.xml, &self.domain, m.ts_ms).into()))
-                .collect(),
+            Ok(v) => v.into_iter().map(|(seq, m)| (seq, with_delay(&m.xml, &self.domain, m.ts_ms).into())).collect(),
             Err(err) => {
                 tracing::error!(account = local, error = %err, "reading offline queue failed");
                 Vec::new()
@@ -260,7 +244,11 @@ impl Router for LocalRouter {
         }
     }
 
-    fn fanout(&self, recipients: &[String], build: &dyn Fn(&str, u64) -> String) -> Result<(Ticket, Vec<String>), StanzaError> {
+    fn fanout(
+        &self,
+        recipients: &[String],
+        build: &dyn Fn(&str, u64) -> String,
+    ) -> Result<(Ticket, Vec<String>), StanzaError> {
         let mut g = self.registry.lock_many(recipients);
         let now = crate::accounts::now_ms();
         let mut items: Vec<(&str, u64, StoredMessage)> = Vec::with_capacity(recipients.len());
@@ -316,12 +304,10 @@ mod tests {
 
     fn router(max_queue: usize) -> (LocalRouter, Arc<SessionRegistry>, Stores) {
         let stores = Stores::memory();
-        stores
-            .users
-            .put_user("15550000001", &crate::accounts::make_record("pw", 4096, 0))
-            .unwrap();
+        stores.users.put_user("15550000001", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
         let reg = Arc::new(SessionRegistry::default());
-        let r = LocalRouter::new("localhost", reg.clone(), stores.offline.clone(), stores.users.clone(), max_queue).unwrap();
+        let r = LocalRouter::new("localhost", reg.clone(), stores.offline.clone(), stores.users.clone(), max_queue)
+            .unwrap();
         (r, reg, stores)
     }
 
@@ -343,7 +329,16 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         reg.bind(
             "15550000001",
-            SessionHandle { id: 9, resource: "r".into(), tx, available: false, priority: 0, presence: None, interested: false, carbons: false },
+            SessionHandle {
+                id: 9,
+                resource: "r".into(),
+                tx,
+                available: false,
+                priority: 0,
+                presence: None,
+                interested: false,
+                carbons: false,
+            },
             5,
         );
         let upto = r.attach("15550000001", 9);

@@ -140,12 +140,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     check_plaintext(&cfg)?;
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let stores = Stores::open_fjall(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
+    let stores =
+        Stores::open_fjall(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
     let srv = Server::new(cfg, stores)?;
-    let bound = Bound {
-        c2s: bind_one(&srv.cfg.listen.c2s).await?,
-        c2s_tls: bind_one(&srv.cfg.listen.c2s_tls).await?,
-    };
+    let bound = Bound { c2s: bind_one(&srv.cfg.listen.c2s).await?, c2s_tls: bind_one(&srv.cfg.listen.c2s_tls).await? };
     let admin = crate::admin::listen(srv.clone()).await?;
     let mut tasks = Vec::new();
     {

@@ -26,9 +26,7 @@ async fn befriend(x: &mut Client, xl: &str, y: &mut Client, yl: &str) {
         .expect("subscribe request");
     y.send(&format!("<presence type='subscribed' to='{xl}@localhost'/>")).await;
     y.send(&format!("<presence type='subscribe' to='{xl}@localhost'/>")).await;
-    x.expect(5, |e| e.local_name() == "presence" && e.attr("type") == Some("subscribe"))
-        .await
-        .expect("subscribe back");
+    x.expect(5, |e| e.local_name() == "presence" && e.attr("type") == Some("subscribe")).await.expect("subscribe back");
     x.send(&format!("<presence type='subscribed' to='{yl}@localhost'/>")).await;
     let _ = x.drain(1).await;
     let _ = y.drain(1).await;

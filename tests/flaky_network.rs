@@ -78,10 +78,7 @@ fn local(i: usize) -> String {
 }
 
 fn msg_xml(from: usize, to: usize, seq: u64) -> String {
-    format!(
-        "<message type='chat' id='m{from}-{seq}' to='{}@localhost'><body>{from}:{seq}</body></message>",
-        local(to)
-    )
+    format!("<message type='chat' id='m{from}-{seq}' to='{}@localhost'><body>{from}:{seq}</body></message>", local(to))
 }
 
 enum Cut {
@@ -108,7 +105,12 @@ async fn read_frame(sock: &mut TcpStream, framer: &mut Framer, deadline: Instant
 
 /// Negotiates up to a bound (or resumed) session. Returns the server's
 /// `h` when the session was resumed.
-async fn login(sock: &mut TcpStream, framer: &mut Framer, st: &mut ClientState, try_resume: bool) -> Option<Option<u32>> {
+async fn login(
+    sock: &mut TcpStream,
+    framer: &mut Framer,
+    st: &mut ClientState,
+    try_resume: bool,
+) -> Option<Option<u32>> {
     use base64::Engine;
     let deadline = Instant::now() + Duration::from_secs(10);
     let hdr = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
@@ -117,9 +119,11 @@ async fn login(sock: &mut TcpStream, framer: &mut Framer, st: &mut ClientState, 
     read_frame(sock, framer, deadline).await?;
     read_frame(sock, framer, deadline).await?;
     let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0pw{}", local(st.idx), st.idx));
-    sock.write_all(format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>").as_bytes())
-        .await
-        .ok()?;
+    sock.write_all(
+        format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>").as_bytes(),
+    )
+    .await
+    .ok()?;
     match read_frame(sock, framer, deadline).await? {
         Frame::Stanza(e) if e.local_name() == "success" => {}
         _ => return None,
@@ -141,9 +145,11 @@ async fn login(sock: &mut TcpStream, framer: &mut Framer, st: &mut ClientState, 
             _ => return None,
         }
     }
-    sock.write_all(b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>dev</resource></bind></iq>")
-        .await
-        .ok()?;
+    sock.write_all(
+        b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>dev</resource></bind></iq>",
+    )
+    .await
+    .ok()?;
     match read_frame(sock, framer, deadline).await? {
         Frame::Stanza(e) if e.attr("type") == Some("result") => {}
         _ => return None,
@@ -453,5 +459,9 @@ fn flaky_network_loses_nothing_acked() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(lost.is_empty(), "acked but never delivered: {:?}", &lost[..lost.len().min(10)]);
     assert_eq!(order_violations, 0, "per-sender order broken");
-    assert!(l.acked.len() as u64 >= (n_clients as u64 * per_client) * 9 / 10, "too few messages acked: {}", l.acked.len());
+    assert!(
+        l.acked.len() as u64 >= (n_clients as u64 * per_client) * 9 / 10,
+        "too few messages acked: {}",
+        l.acked.len()
+    );
 }

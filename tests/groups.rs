@@ -21,7 +21,9 @@ fn users() -> Vec<(&'static str, &'static str)> {
 }
 
 fn is_event(e: &chatd::protocol::Element, kind: &str) -> bool {
-    e.local_name() == "message" && e.to_xml().contains("urn:chatd:groups:0") && e.to_xml().contains(&format!("type=\"{kind}\""))
+    e.local_name() == "message"
+        && e.to_xml().contains("urn:chatd:groups:0")
+        && e.to_xml().contains(&format!("type=\"{kind}\""))
 }
 
 async fn create_group(a: &mut Client, members: &[&str]) -> String {
@@ -151,22 +153,44 @@ fn muc_view_for_standard_clients() {
         let mut b = Client::login(srv.port, B, "pb", "p", true).await;
         let mut d = Client::login(srv.port, D, "pd", "p", true).await;
         let g = create_group(&mut a, &[B]).await;
-        let info = b.iq("di", &format!("<iq type='get' id='di' to='{g}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>")).await;
+        let info = b
+            .iq(
+                "di",
+                &format!("<iq type='get' id='di' to='{g}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"),
+            )
+            .await;
         let x = info.to_xml();
         assert!(x.contains("muc_membersonly") && x.contains("muc_persistent") && x.contains("conference"), "{x}");
         b.send(&format!("<presence to='{g}/whatever'><x xmlns='http://jabber.org/protocol/muc'/></presence>")).await;
-        let other = b.expect(5, |e| e.local_name() == "presence" && e.attr("from") == Some(&format!("{g}/{A}"))).await.expect("occupant A");
+        let other = b
+            .expect(5, |e| e.local_name() == "presence" && e.attr("from") == Some(&format!("{g}/{A}")))
+            .await
+            .expect("occupant A");
         assert!(other.to_xml().contains("affiliation=\"owner\""));
-        let me = b.expect(5, |e| e.local_name() == "presence" && e.attr("from") == Some(&format!("{g}/{B}"))).await.expect("self presence");
+        let me = b
+            .expect(5, |e| e.local_name() == "presence" && e.attr("from") == Some(&format!("{g}/{B}")))
+            .await
+            .expect("self presence");
         assert!(me.to_xml().contains("code=\"110\""));
-        let subj = b.expect(5, |e| e.local_name() == "message" && e.child("subject", chatd::protocol::ns::CLIENT).is_some()).await.expect("subject");
+        let subj = b
+            .expect(5, |e| e.local_name() == "message" && e.child("subject", chatd::protocol::ns::CLIENT).is_some())
+            .await
+            .expect("subject");
         assert!(subj.to_xml().contains("Family"));
         // A non-member cannot join a members-only room.
         d.send(&format!("<presence to='{g}/d'><x xmlns='http://jabber.org/protocol/muc'/></presence>")).await;
-        let e = d.expect(5, |e| e.local_name() == "presence" && e.attr("type") == Some("error")).await.expect("join refused");
+        let e = d
+            .expect(5, |e| e.local_name() == "presence" && e.attr("type") == Some("error"))
+            .await
+            .expect("join refused");
         assert!(e.to_xml().contains("registration-required"));
         // The service is discoverable from the server.
-        let items = a.iq("it", "<iq type='get' id='it' to='localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>").await;
+        let items = a
+            .iq(
+                "it",
+                "<iq type='get' id='it' to='localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>",
+            )
+            .await;
         assert!(items.to_xml().contains("groups.localhost"));
     });
 }

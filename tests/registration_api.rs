@@ -73,11 +73,13 @@ fn code_guessing_expiry_and_bad_input() {
         assert_eq!((st, field(&body, "error").as_str()), (400, "invalid_phone"));
         let (st, _, _) = http(p, "POST", "/v1/accounts/code", "not json").await;
         assert_eq!(st, 400);
-        let (st, _, _) = http(p, "POST", "/v1/accounts/code", "{\"phone\":\"+15551112222\",\"method\":\"pigeon\"}").await;
+        let (st, _, _) =
+            http(p, "POST", "/v1/accounts/code", "{\"phone\":\"+15551112222\",\"method\":\"pigeon\"}").await;
         assert_eq!(st, 400);
 
         // No code requested yet.
-        let (st, _, body) = http(p, "POST", "/v1/accounts/register", "{\"phone\":\"+15551112222\",\"code\":\"000000\"}").await;
+        let (st, _, body) =
+            http(p, "POST", "/v1/accounts/register", "{\"phone\":\"+15551112222\",\"code\":\"000000\"}").await;
         assert_eq!((st, field(&body, "error").as_str()), (410, "expired"));
 
         // Five wrong guesses burn the code: even the right one is refused after.
@@ -86,14 +88,22 @@ fn code_guessing_expiry_and_bad_input() {
         let code = code_for(&srv, "15551112222");
         let wrong = if code == "000000" { "111111" } else { "000000" };
         for i in 1..=5 {
-            let (st, _, body) = http(p, "POST", "/v1/accounts/register", &format!("{{\"phone\":\"+15551112222\",\"code\":\"{wrong}\"}}")).await;
+            let (st, _, body) = http(
+                p,
+                "POST",
+                "/v1/accounts/register",
+                &format!("{{\"phone\":\"+15551112222\",\"code\":\"{wrong}\"}}"),
+            )
+            .await;
             if i < 5 {
                 assert_eq!((st, field(&body, "error").as_str()), (401, "wrong_code"), "try {i}");
             } else {
                 assert_eq!((st, field(&body, "error").as_str()), (410, "expired"), "try {i} burns the code");
             }
         }
-        let (st, _, _) = http(p, "POST", "/v1/accounts/register", &format!("{{\"phone\":\"+15551112222\",\"code\":\"{code}\"}}")).await;
+        let (st, _, _) =
+            http(p, "POST", "/v1/accounts/register", &format!("{{\"phone\":\"+15551112222\",\"code\":\"{code}\"}}"))
+                .await;
         assert_eq!(st, 410);
 
         // Expiry after code_ttl_secs.
@@ -101,7 +111,9 @@ fn code_guessing_expiry_and_bad_input() {
         assert_eq!(st, 200);
         let code = code_for(&srv, "15553334444");
         tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-        let (st, _, body) = http(p, "POST", "/v1/accounts/register", &format!("{{\"phone\":\"+15553334444\",\"code\":\"{code}\"}}")).await;
+        let (st, _, body) =
+            http(p, "POST", "/v1/accounts/register", &format!("{{\"phone\":\"+15553334444\",\"code\":\"{code}\"}}"))
+                .await;
         assert_eq!((st, field(&body, "error").as_str()), (410, "expired"));
     });
 }
@@ -117,7 +129,8 @@ fn flooding_is_rate_limited() {
         // Same number again within resend_secs.
         let (st, headers, body) = http(p, "POST", "/v1/accounts/code", "{\"phone\":\"+15550001000\"}").await;
         assert_eq!((st, field(&body, "error").as_str()), (429, "rate_limited"));
-        let ra: u64 = headers.iter().find(|(k, _)| k == "retry-after").and_then(|(_, v)| v.parse().ok()).expect("Retry-After");
+        let ra: u64 =
+            headers.iter().find(|(k, _)| k == "retry-after").and_then(|(_, v)| v.parse().ok()).expect("Retry-After");
         assert!((1..=30).contains(&ra), "retry-after {ra}");
         // The IP allowance (4 per hour) runs out across numbers.
         let (st, _, _) = http(p, "POST", "/v1/accounts/code", "{\"phone\":\"+15550001001\"}").await;
@@ -138,7 +151,13 @@ fn registering_again_replaces_the_key_and_ends_old_sessions() {
             let (st, _, _) = http(p, "POST", "/v1/accounts/code", "{\"phone\":\"+15559998888\"}").await;
             assert_eq!(st, 200);
             let code = code_for(&srv, "15559998888");
-            let (st, _, body) = http(p, "POST", "/v1/accounts/register", &format!("{{\"phone\":\"+15559998888\",\"code\":\"{code}\"}}")).await;
+            let (st, _, body) = http(
+                p,
+                "POST",
+                "/v1/accounts/register",
+                &format!("{{\"phone\":\"+15559998888\",\"code\":\"{code}\"}}"),
+            )
+            .await;
             assert_eq!(st, 200, "{body}");
             field(&body, "password")
         };
@@ -202,7 +221,8 @@ fn webhook_gateway_posts_the_code() {
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(0);
                     if body.len() >= len {
-                        let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        let _ =
+                            s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                         let _ = tx.send(text);
                         break;
                     }
@@ -213,7 +233,8 @@ fn webhook_gateway_posts_the_code() {
     let cfg = format!("[sms]\ngateway = \"webhook\"\nwebhook_url = \"http://{hook}/send\"\n");
     let srv = TestServer::start("regwebhook", &cfg, &[]);
     rt().block_on(async {
-        let (st, _, _) = http(srv.http_port, "POST", "/v1/accounts/code", "{\"phone\":\"+15554443333\",\"method\":\"voice\"}").await;
+        let (st, _, _) =
+            http(srv.http_port, "POST", "/v1/accounts/code", "{\"phone\":\"+15554443333\",\"method\":\"voice\"}").await;
         assert_eq!(st, 200);
     });
     let req = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("webhook called");

@@ -58,10 +58,7 @@ impl Window {
         }
     }
     fn retry_after(&self, now: Instant) -> u64 {
-        self.start
-            .map(|s| 3600u64.saturating_sub(now.duration_since(s).as_secs()))
-            .unwrap_or(0)
-            .max(1)
+        self.start.map(|s| 3600u64.saturating_sub(now.duration_since(s).as_secs())).unwrap_or(0).max(1)
     }
 }
 
@@ -125,14 +122,17 @@ struct RegisterRequest {
     code: String,
 }
 
-
 async fn request_code(
     State(api): State<Arc<AccountsApi>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Response {
     let Ok(req) = serde_json::from_slice::<CodeRequest>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "bad_request", "expected {\"phone\": ..., \"method\": \"sms\"|\"voice\"}");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected {\"phone\": ..., \"method\": \"sms\"|\"voice\"}",
+        );
     };
     let method = req.method.as_deref().unwrap_or("sms");
     if method != "sms" && method != "voice" {
@@ -181,14 +181,7 @@ async fn request_code(
     let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
     if let Ok(mut p) = api.pending.lock() {
         p.retain(|_, v| now.duration_since(v.issued) < Duration::from_secs(api.cfg.code_ttl_secs));
-        p.insert(
-            local.clone(),
-            Pending {
-                code: code.clone(),
-                issued: now,
-                attempts: 0,
-            },
-        );
+        p.insert(local.clone(), Pending { code: code.clone(), issued: now, attempts: 0 });
     }
     api.gateway.send(&local, &code, method);
     json(serde_json::json!({ "status": "sent", "retry_after": api.cfg.resend_secs }))
@@ -244,11 +237,7 @@ async fn register(State(api): State<Arc<AccountsApi>>, body: Bytes) -> Response 
         admin::execute(
             &srv.stores,
             Some(&srv),
-            Request::Put {
-                users: vec![(l2, rec)],
-                replace: true,
-                must_exist: existed,
-            },
+            Request::Put { users: vec![(l2, rec)], replace: true, must_exist: existed },
         )
     })
     .await;

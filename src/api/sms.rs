@@ -70,10 +70,7 @@ pub trait Gateway: Send + Sync {
 /// Unknown gateway name or missing webhook URL.
 pub fn gateway(cfg: &SmsConfig, data_dir: &std::path::Path) -> anyhow::Result<Arc<dyn Gateway>> {
     match cfg.gateway.as_str() {
-        "log" => Ok(Arc::new(LogGateway {
-            path: data_dir.join("sms-outbox.log"),
-            lock: std::sync::Mutex::new(()),
-        })),
+        "log" => Ok(Arc::new(LogGateway { path: data_dir.join("sms-outbox.log"), lock: std::sync::Mutex::new(()) })),
         "webhook" => {
             if cfg.webhook_url.is_empty() {
                 bail!("sms.gateway = \"webhook\" needs sms.webhook_url");

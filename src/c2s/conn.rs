@@ -161,10 +161,7 @@ impl Conn {
                 let (_, conn) = tls.get_ref();
                 if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
                     let mut buf = vec![0u8; 32];
-                    if conn
-                        .export_keying_material(&mut buf[..], b"EXPORTER-Channel-Binding", None)
-                        .is_ok()
-                    {
+                    if conn.export_keying_material(&mut buf[..], b"EXPORTER-Channel-Binding", None).is_ok() {
                         self.exporter = Some(buf);
                     }
                 }
@@ -187,9 +184,7 @@ impl Conn {
 
     fn transport(&self) -> Transport {
         if !self.secure {
-            Transport::Cleartext {
-                allow_plain: self.srv.cfg.listen.allow_plaintext,
-            }
+            Transport::Cleartext { allow_plain: self.srv.cfg.listen.allow_plaintext }
         } else if self.exporter.is_some() {
             Transport::TlsExporter
         } else {
@@ -541,7 +536,9 @@ impl Conn {
             (Phase::Authenticated, "enable", ns::SM) => {
                 self.out.push_str("<failed xmlns='urn:xmpp:sm:3'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>");
             }
-            (Phase::Connected, "starttls", ns::TLS) => self.close("policy-violation", Some("TLS already active".into())),
+            (Phase::Connected, "starttls", ns::TLS) => {
+                self.close("policy-violation", Some("TLS already active".into()))
+            }
             (Phase::Connected, "auth", ns::SASL) => {
                 self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>");
             }
@@ -612,9 +609,7 @@ impl Conn {
 
     fn sasl_fail(&mut self, cond: &str) {
         self.sasl_failures += 1;
-        self.out.push_str(&format!(
-            "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><{cond}/></failure>"
-        ));
+        self.out.push_str(&format!("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><{cond}/></failure>"));
         if self.sasl_failures >= 3 {
             self.close("policy-violation", Some("too many authentication failures".into()));
         }
@@ -716,17 +711,17 @@ impl Conn {
 
     /// XEP-0198 §5: resume a parked (or half-open) session.
     async fn resume(&mut self, el: &Element) {
-        const NOT_FOUND: &str = "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>";
+        const NOT_FOUND: &str =
+            "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>";
         let previd = el.attr("previd").unwrap_or("").to_string();
         let Some(h) = el.attr("h").and_then(|h| h.parse::<u32>().ok()) else {
             self.out.push_str(NOT_FOUND);
             return;
         };
-        let takeover = self.srv.resumable.lock().ok().and_then(|t| {
-            t.get(&previd)
-                .filter(|r| Some(&r.local) == self.local.as_ref())
-                .map(|r| r.takeover.clone())
-        });
+        let takeover =
+            self.srv.resumable.lock().ok().and_then(|t| {
+                t.get(&previd).filter(|r| Some(&r.local) == self.local.as_ref()).map(|r| r.takeover.clone())
+            });
         let Some(takeover) = takeover else {
             self.out.push_str(NOT_FOUND);
             return;

@@ -114,16 +114,9 @@ impl Sasl {
         let mk = |m: &'static [Mechanism]| {
             SASLConfig::builder()
                 .with_registry(Registry::with_mechanisms(m))
-                .with_callback(Callback {
-                    users: users.clone(),
-                    domain: domain.to_string(),
-                })
+                .with_callback(Callback { users: users.clone(), domain: domain.to_string() })
         };
-        Ok(Sasl {
-            scram: mk(MECHS_SCRAM)?,
-            plain: mk(MECHS_PLAIN)?,
-            plus: mk(MECHS_PLUS)?,
-        })
+        Ok(Sasl { scram: mk(MECHS_SCRAM)?, plain: mk(MECHS_PLAIN)?, plus: mk(MECHS_PLUS)? })
     }
 
     fn cfg(&self, t: Transport) -> Arc<SASLConfig> {
@@ -153,15 +146,9 @@ impl Sasl {
     /// `None` when the mechanism is not offered on this transport.
     pub fn start(&self, t: Transport, mech: &str, exporter: Option<Vec<u8>>) -> Option<Exchange> {
         let name = Mechname::parse(mech.as_bytes()).ok()?;
-        let session = SASLServer::<AuthOutcome, _>::with_cb(self.cfg(t), TlsExporter(exporter))
-            .start_suggested(name)
-            .ok()?;
-        Some(Exchange {
-            session,
-            plus: mech.ends_with("-PLUS"),
-            scram: mech.starts_with("SCRAM-"),
-            first: true,
-        })
+        let session =
+            SASLServer::<AuthOutcome, _>::with_cb(self.cfg(t), TlsExporter(exporter)).start_suggested(name).ok()?;
+        Some(Exchange { session, plus: mech.ends_with("-PLUS"), scram: mech.starts_with("SCRAM-"), first: true })
     }
 }
 

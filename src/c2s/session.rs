@@ -12,10 +12,10 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::modules;
-use crate::session::{CloseReason, Outbound};
 use crate::protocol::stanza::{StanzaError, error_reply};
 use crate::protocol::{Element, Jid, ns};
 use crate::server::Server;
+use crate::session::{CloseReason, Outbound};
 use crate::storage::Ticket;
 
 /// XEP-0198 state of one stream.

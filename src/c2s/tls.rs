@@ -35,11 +35,7 @@ pub fn server_config(cfg: &Config) -> anyhow::Result<Arc<ServerConfig>> {
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing {}", cert_path.display()))?;
     let first = certs.first().ok_or_else(|| anyhow!("{} holds no certificate", cert_path.display()))?;
-    let fp: String = Sha256::digest(first.as_ref())
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let fp: String = Sha256::digest(first.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
     tracing::info!(cert = %cert_path.display(), sha256 = %fp, "TLS certificate");
     let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -46,7 +46,9 @@ pub fn eligible(m: &Element) -> bool {
     }
     match m.attr("type").unwrap_or("normal") {
         "chat" => true,
-        "normal" => m.elements().any(|c| c.local_name() == "body" || c.ns == "urn:xmpp:receipts" || c.ns == "urn:xmpp:chat-markers:0"),
+        "normal" => m
+            .elements()
+            .any(|c| c.local_name() == "body" || c.ns == "urn:xmpp:receipts" || c.ns == "urn:xmpp:chat-markers:0"),
         _ => false,
     }
 }
@@ -66,10 +68,7 @@ fn wrap(kind: &str, account_bare: &str, to_full: &str, m: &Element) -> Arc<str> 
 /// Copies `m`, sent by session `from_id` of `local`, to the account's
 /// other carbon-enabled sessions.
 pub fn sent(srv: &Arc<Server>, local: &str, from_id: u64, m: &Element) {
-    let any = srv
-        .registry
-        .peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.id != from_id))
-        .unwrap_or(false);
+    let any = srv.registry.peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.id != from_id)).unwrap_or(false);
     if !any || !eligible(m) {
         return;
     }
@@ -86,10 +85,7 @@ pub fn sent(srv: &Arc<Server>, local: &str, from_id: u64, m: &Element) {
 /// account's other carbon-enabled sessions.
 pub fn received(srv: &Arc<Server>, to: &Jid, m: &Element) {
     let (Some(local), Some(res)) = (to.local.as_deref(), to.resource.as_deref()) else { return };
-    let any = srv
-        .registry
-        .peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.resource != res))
-        .unwrap_or(false);
+    let any = srv.registry.peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.resource != res)).unwrap_or(false);
     if !any || to.domain != srv.domain() || !eligible(m) {
         return;
     }

@@ -30,7 +30,9 @@ pub fn handle(s: &mut Session, el: &Element) {
 pub fn deferrable(xml: &str) -> bool {
     if xml.starts_with("<presence") {
         // Subscription requests and errors are not mere status updates.
-        return !xml.contains("type=\"subscribe") && !xml.contains("type=\"unsubscribe") && !xml.contains("type=\"error\"");
+        return !xml.contains("type=\"subscribe")
+            && !xml.contains("type=\"unsubscribe")
+            && !xml.contains("type=\"error\"");
     }
     xml.starts_with("<message") && xml.contains("http://jabber.org/protocol/chatstates") && !xml.contains("<body")
 }
@@ -74,8 +76,12 @@ mod tests {
     fn classifies_deferrable() {
         assert!(deferrable("<presence from=\"a@b/c\"/>"));
         assert!(!deferrable("<presence type=\"subscribe\" from=\"a@b\"/>"));
-        assert!(deferrable("<message from=\"a\"><composing xmlns=\"http://jabber.org/protocol/chatstates\"/></message>"));
-        assert!(!deferrable("<message from=\"a\"><body>x</body><active xmlns=\"http://jabber.org/protocol/chatstates\"/></message>"));
+        assert!(deferrable(
+            "<message from=\"a\"><composing xmlns=\"http://jabber.org/protocol/chatstates\"/></message>"
+        ));
+        assert!(!deferrable(
+            "<message from=\"a\"><body>x</body><active xmlns=\"http://jabber.org/protocol/chatstates\"/></message>"
+        ));
         assert_eq!(from_attr("<presence to=\"x\" from=\"a@b/c\"/>"), Some("a@b/c"));
     }
 }

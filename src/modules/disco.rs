@@ -52,26 +52,15 @@ pub fn handle(s: &mut Session, iq: &Element, to: Option<&Jid>, q: &Element) {
             }
             super::upload::disco_info(s, &mut query);
         } else {
-            query.push(
-                Element::stanza("identity")
-                    .with_attr("category", "account")
-                    .with_attr("type", "registered"),
-            );
-            query.push(
-                Element::stanza("identity")
-                    .with_attr("category", "pubsub")
-                    .with_attr("type", "pep"),
-            );
+            query.push(Element::stanza("identity").with_attr("category", "account").with_attr("type", "registered"));
+            query.push(Element::stanza("identity").with_attr("category", "pubsub").with_attr("type", "pep"));
             query.push(Element::stanza("feature").with_attr("var", ns::DISCO_INFO));
             query.push(Element::stanza("feature").with_attr("var", "http://jabber.org/protocol/pubsub#publish"));
         }
     } else if to_server {
         // disco#items of the server: its services.
-        query.push(
-            Element::stanza("item")
-                .with_attr("jid", super::groups::service(&s.srv))
-                .with_attr("name", "Groups"),
-        );
+        query
+            .push(Element::stanza("item").with_attr("jid", super::groups::service(&s.srv)).with_attr("name", "Groups"));
     }
     r.push(query);
     s.send(&r);

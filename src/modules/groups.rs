@@ -42,11 +42,7 @@ pub const CONFERENCE: &str = "jabber:x:conference";
 
 /// The service domain.
 pub fn service(srv: &Server) -> String {
-    if srv.cfg.groups.service.is_empty() {
-        format!("groups.{}", srv.domain())
-    } else {
-        srv.cfg.groups.service.clone()
-    }
+    if srv.cfg.groups.service.is_empty() { format!("groups.{}", srv.domain()) } else { srv.cfg.groups.service.clone() }
 }
 
 pub fn is_group_domain(srv: &Server, domain: &str) -> bool {
@@ -195,14 +191,10 @@ fn create(s: &mut Session, iq: &Element, q: &Element) {
             return;
         }
     };
-    let mut members = vec![GroupMember {
-        local: s.local.clone(),
-        role: GroupRole::Admin,
-    }];
-    members.extend(named.into_iter().filter(|l| *l != s.local).map(|local| GroupMember {
-        local,
-        role: GroupRole::Member,
-    }));
+    let mut members = vec![GroupMember { local: s.local.clone(), role: GroupRole::Admin }];
+    members.extend(
+        named.into_iter().filter(|l| *l != s.local).map(|local| GroupMember { local, role: GroupRole::Member }),
+    );
     if members.len() > srv.cfg.groups.max_members {
         s.reply_error(iq, StanzaError::ResourceConstraint);
         return;
@@ -236,11 +228,11 @@ fn invite(srv: &Server, g: &Group, locals: &[String], by: &str) {
             .with_attr("to", account_jid(srv, local))
             .with_attr("id", format!("inv{seq}"))
             .with_child(
-                Element::new("x", CONFERENCE)
-                    .with_attr("jid", gj.as_str())
-                    .with_attr("reason", g.subject.as_str()),
+                Element::new("x", CONFERENCE).with_attr("jid", gj.as_str()).with_attr("reason", g.subject.as_str()),
             )
-            .with_child(Element::new("stanza-id", ns::STANZA_ID).with_attr("id", seq.to_string()).with_attr("by", gj.as_str()))
+            .with_child(
+                Element::new("stanza-id", ns::STANZA_ID).with_attr("id", seq.to_string()).with_attr("by", gj.as_str()),
+            )
             .to_xml()
     };
     let _ = srv.router.fanout(locals, &build);
@@ -355,10 +347,7 @@ fn manage(s: &mut Session, iq: &Element, q: &Element, mut g: Group) {
             for l in &named {
                 match kind.as_str() {
                     "add" if g.member(l).is_none() => {
-                        g.members.push(GroupMember {
-                            local: l.clone(),
-                            role: GroupRole::Member,
-                        });
+                        g.members.push(GroupMember { local: l.clone(), role: GroupRole::Member });
                         added.push(l.clone());
                     }
                     "add" => {}
@@ -420,7 +409,12 @@ fn disco(s: &mut Session, iq: &Element, to: &Jid, q: &Element) {
     let mut out = Element::new("query", &q.ns);
     match (&to.local, q.ns == ns::DISCO_INFO) {
         (None, true) => {
-            out.push(Element::stanza("identity").with_attr("category", "conference").with_attr("type", "text").with_attr("name", "Groups"));
+            out.push(
+                Element::stanza("identity")
+                    .with_attr("category", "conference")
+                    .with_attr("type", "text")
+                    .with_attr("name", "Groups"),
+            );
             for f in [ns::DISCO_INFO, ns::DISCO_ITEMS, MUC, NS] {
                 out.push(Element::stanza("feature").with_attr("var", f));
             }
@@ -428,7 +422,11 @@ fn disco(s: &mut Session, iq: &Element, to: &Jid, q: &Element) {
         (None, false) => {
             for id in srv.stores.groups.groups_of(&s.local).unwrap_or_default() {
                 if let Some(g) = load(&srv, &id) {
-                    out.push(Element::stanza("item").with_attr("jid", group_jid(&srv, &id)).with_attr("name", g.subject.as_str()));
+                    out.push(
+                        Element::stanza("item")
+                            .with_attr("jid", group_jid(&srv, &id))
+                            .with_attr("name", g.subject.as_str()),
+                    );
                 }
             }
         }
@@ -438,8 +436,21 @@ fn disco(s: &mut Session, iq: &Element, to: &Jid, q: &Element) {
                 return;
             };
             if info {
-                out.push(Element::stanza("identity").with_attr("category", "conference").with_attr("type", "text").with_attr("name", g.subject.as_str()));
-                for f in [ns::DISCO_INFO, MUC, "muc_membersonly", "muc_persistent", "muc_nonanonymous", "muc_unmoderated", NS] {
+                out.push(
+                    Element::stanza("identity")
+                        .with_attr("category", "conference")
+                        .with_attr("type", "text")
+                        .with_attr("name", g.subject.as_str()),
+                );
+                for f in [
+                    ns::DISCO_INFO,
+                    MUC,
+                    "muc_membersonly",
+                    "muc_persistent",
+                    "muc_nonanonymous",
+                    "muc_unmoderated",
+                    NS,
+                ] {
                     out.push(Element::stanza("feature").with_attr("var", f));
                 }
             } else if g.member(&s.local).is_none() {
@@ -505,7 +516,11 @@ pub fn handle_message(s: &mut Session, m: Element, to: &Jid) {
                 for p in &payload {
                     out.push(p.clone());
                 }
-                out.push(Element::new("stanza-id", ns::STANZA_ID).with_attr("id", seq.to_string()).with_attr("by", gj.as_str()));
+                out.push(
+                    Element::new("stanza-id", ns::STANZA_ID)
+                        .with_attr("id", seq.to_string())
+                        .with_attr("by", gj.as_str()),
+                );
                 out.to_xml()
             };
             let members: Vec<String> = g.members.iter().map(|m| m.local.clone()).collect();

@@ -22,7 +22,9 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
     }
     let for_server = match &to {
         None => true,
-        Some(j) => j.domain == domain && (j.local.is_none() || (j.local.as_deref() == Some(&s.local) && j.resource.is_none())),
+        Some(j) => {
+            j.domain == domain && (j.local.is_none() || (j.local.as_deref() == Some(&s.local) && j.resource.is_none()))
+        }
     };
     if matches!(typ, "result" | "error") {
         if for_server {
@@ -45,9 +47,13 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
     if for_server {
         match (payload.local_name(), payload.ns.as_str()) {
             ("query", ns::ROSTER) => super::roster::handle_iq(s, &iq, &payload),
-            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) => super::disco::handle(s, &iq, to.as_ref(), &payload),
+            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) => {
+                super::disco::handle(s, &iq, to.as_ref(), &payload)
+            }
             ("ping", ns::PING) => super::ping::handle(s, &iq),
-            ("enable", super::carbons::NS) | ("disable", super::carbons::NS) => super::carbons::handle_iq(s, &iq, &payload),
+            ("enable", super::carbons::NS) | ("disable", super::carbons::NS) => {
+                super::carbons::handle_iq(s, &iq, &payload)
+            }
             ("blocklist", super::blocking::NS) | ("block", super::blocking::NS) | ("unblock", super::blocking::NS) => {
                 super::blocking::handle_iq(s, &iq, &payload)
             }
@@ -82,7 +88,9 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
         // A request to another account's bare JID is answered by the
         // server on the account's behalf.
         match (payload.local_name(), payload.ns.as_str()) {
-            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) => {
+            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS)
+                if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) =>
+            {
                 super::disco::handle(s, &iq, Some(&j), &payload)
             }
             ("query", super::privacy::LAST) => super::privacy::handle_last(s, &iq, Some(&j)),

@@ -20,16 +20,9 @@ pub fn classify(m: &Element) -> MessageClass {
     if m.has_child("no-store", HINTS) {
         return MessageClass::LiveOnly;
     }
-    let has_text = m
-        .children
-        .iter()
-        .any(|n| matches!(n, Node::Text(t) if !t.trim().is_empty()));
+    let has_text = m.children.iter().any(|n| matches!(n, Node::Text(t) if !t.trim().is_empty()));
     let substantive = m.elements().any(|c| c.ns != CHATSTATES && c.ns != HINTS);
-    if !substantive && !has_text {
-        MessageClass::LiveOnly
-    } else {
-        MessageClass::Durable
-    }
+    if !substantive && !has_text { MessageClass::LiveOnly } else { MessageClass::Durable }
 }
 
 pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {

@@ -53,14 +53,17 @@ pub fn handle_iq(s: &mut Session, iq: &Element, to: Option<&Jid>, ps: &Element) 
                 s.reply_error(iq, StanzaError::ItemNotFound);
                 return;
             }
-            if owner != s.local && (!srv.router.account_exists(&owner) || super::privacy::blocked_between(&srv, &owner, &s.local)) {
+            if owner != s.local
+                && (!srv.router.account_exists(&owner) || super::privacy::blocked_between(&srv, &owner, &s.local))
+            {
                 s.reply_error(iq, StanzaError::ItemNotFound);
                 return;
             }
             let stored = srv.stores.settings.get_setting(&owner, &key(node)).ok().flatten();
             let mut out_items = Element::new("items", PUBSUB).with_attr("node", node);
             if let Some(xml) = stored
-                && let Ok(item) = crate::protocol::element::parse_element(&xml, &crate::protocol::element::Scope::client_stream())
+                && let Ok(item) =
+                    crate::protocol::element::parse_element(&xml, &crate::protocol::element::Scope::client_stream())
             {
                 let mut item = item;
                 item.ns = PUBSUB.to_string();
@@ -90,10 +93,7 @@ fn publish(s: &mut Session, iq: &Element, ps: &Element) {
         s.reply_error(iq, StanzaError::BadRequest);
         return;
     };
-    let id = item
-        .attr("id")
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("{:x}", rand::random::<u64>()));
+    let id = item.attr("id").map(str::to_string).unwrap_or_else(|| format!("{:x}", rand::random::<u64>()));
     // Store the item as `<item id='…'>payload</item>` with the payload's
     // namespace declared, so it can be re-parsed on its own.
     let mut stored = Element::stanza("item").with_attr("id", id.as_str());
@@ -134,7 +134,8 @@ fn notify(srv: &Arc<Server>, owner: &str, node: &str, item: &Element) {
     let bare = format!("{owner}@{}", srv.domain());
     let mut ev_item = item.clone();
     ev_item.ns = EVENT.to_string();
-    let event = Element::new("event", EVENT).with_child(Element::stanza("items").with_attr("node", node).with_child(ev_item));
+    let event =
+        Element::new("event", EVENT).with_child(Element::stanza("items").with_attr("node", node).with_child(ev_item));
     let mut targets: Vec<String> = vec![owner.to_string()];
     for it in srv.stores.roster.roster(owner).unwrap_or_default() {
         if it.subscription.has_from()

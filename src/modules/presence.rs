@@ -23,10 +23,7 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
             super::groups::handle_presence(s, p, &to);
         }
         (None | Some("unavailable") | Some("error"), Some(to)) => {
-            let blocked = to
-                .local
-                .as_deref()
-                .is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
+            let blocked = to.local.as_deref().is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
             if to.domain == s.domain() && !blocked {
                 let mut p = p;
                 p.set_attr("to", to.to_string());
@@ -35,10 +32,7 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
         }
         (Some(t @ ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")), Some(to)) => {
             let t = t.to_string();
-            let blocked = to
-                .local
-                .as_deref()
-                .is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
+            let blocked = to.local.as_deref().is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
             // A blocked pair cannot start a subscription; ending one is
             // always allowed.
             if !blocked || t.starts_with("un") {
@@ -67,10 +61,7 @@ fn local_of<'a>(srv: &Server, j: &'a Jid) -> Option<&'a str> {
 fn broadcast(s: &mut Session, mut p: Element, available: bool) {
     let srv = s.srv.clone();
     p.remove_attr("to");
-    let priority = p
-        .child("priority", ns::CLIENT)
-        .and_then(|e| e.text().trim().parse::<i8>().ok())
-        .unwrap_or(0);
+    let priority = p.child("priority", ns::CLIENT).and_then(|e| e.text().trim().parse::<i8>().ok()).unwrap_or(0);
     let xml: Arc<str> = p.to_xml().into();
     let first = available && !s.available;
     let id = s.id;
@@ -140,33 +131,21 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
 pub fn session_ended(s: &mut Session) {
     super::privacy::record_last_seen(&s.srv, &s.local, crate::accounts::now_ms());
     if s.available {
-        let p = Element::stanza("presence")
-            .with_attr("type", "unavailable")
-            .with_attr("from", s.jid.to_string());
+        let p = Element::stanza("presence").with_attr("type", "unavailable").with_attr("from", s.jid.to_string());
         broadcast(s, p, false);
     }
 }
 
 fn item_of(srv: &Server, owner: &str, contact: &str) -> RosterItem {
-    srv.stores
-        .roster
-        .roster_item(owner, contact)
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| RosterItem {
-            jid: contact.to_string(),
-            hidden: true,
-            ..Default::default()
-        })
+    srv.stores.roster.roster_item(owner, contact).ok().flatten().unwrap_or_else(|| RosterItem {
+        jid: contact.to_string(),
+        hidden: true,
+        ..Default::default()
+    })
 }
 
 fn presence_from(from: &str, to: &str, typ: &str) -> Arc<str> {
-    Element::stanza("presence")
-        .with_attr("type", typ)
-        .with_attr("from", from)
-        .with_attr("to", to)
-        .to_xml()
-        .into()
+    Element::stanza("presence").with_attr("type", typ).with_attr("from", from).with_attr("to", to).to_xml().into()
 }
 
 /// Sends the available presences of `from_local`'s sessions to `to_local`.
@@ -185,7 +164,11 @@ fn share_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
 fn withdraw_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
     for h in srv.registry.sessions(from_local) {
         if h.available {
-            let x = presence_from(&format!("{from_local}@{}/{}", srv.domain(), h.resource), &format!("{to_local}@{}", srv.domain()), "unavailable");
+            let x = presence_from(
+                &format!("{from_local}@{}/{}", srv.domain(), h.resource),
+                &format!("{to_local}@{}", srv.domain()),
+                "unavailable",
+            );
             to_account(srv, to_local, &x);
         }
     }

@@ -114,14 +114,8 @@ pub fn policy(srv: &Server, local: &str) -> Arc<Policy> {
 pub fn save(srv: &Server, local: &str, p: Policy) {
     let mut list: Vec<&String> = p.blocked.iter().collect();
     list.sort();
-    let r1 = srv
-        .stores
-        .settings
-        .put_setting(local, BLOCKLIST, &serde_json::to_vec(&list).unwrap_or_default());
-    let r2 = srv
-        .stores
-        .settings
-        .put_setting(local, VISIBILITY, &serde_json::to_vec(&p.visibility).unwrap_or_default());
+    let r1 = srv.stores.settings.put_setting(local, BLOCKLIST, &serde_json::to_vec(&list).unwrap_or_default());
+    let r2 = srv.stores.settings.put_setting(local, VISIBILITY, &serde_json::to_vec(&p.visibility).unwrap_or_default());
     if let Err(e) = r1.and(r2) {
         tracing::error!(account = local, error = %e, "saving privacy settings failed");
     }

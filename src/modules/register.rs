@@ -52,7 +52,9 @@ pub async fn pre_auth(srv: &Server, iq: &Element, q: &Element, ip: IpAddr) -> St
             let mut r = iq_result(iq);
             r.push(
                 Element::new("query", NS)
-                    .with_child(Element::stanza("instructions").with_text("Username: your phone number in international form."))
+                    .with_child(
+                        Element::stanza("instructions").with_text("Username: your phone number in international form."),
+                    )
                     .with_child(Element::stanza("username"))
                     .with_child(Element::stanza("password")),
             );
@@ -74,19 +76,17 @@ pub async fn pre_auth(srv: &Server, iq: &Element, q: &Element, ip: IpAddr) -> St
                 return err(iq, StanzaError::ResourceConstraint, "too many registrations");
             }
             let iters = srv.cfg.auth.scram_iterations;
-            let rec = tokio::task::spawn_blocking(move || crate::accounts::make_record(&password, iters, crate::accounts::now_ms()))
-                .await;
+            let rec = tokio::task::spawn_blocking(move || {
+                crate::accounts::make_record(&password, iters, crate::accounts::now_ms())
+            })
+            .await;
             let Ok(rec) = rec else {
                 return err(iq, StanzaError::InternalServerError, "");
             };
             let resp = admin::execute(
                 &srv.stores,
                 None,
-                Request::Put {
-                    users: vec![(local.clone(), rec)],
-                    replace: false,
-                    must_exist: false,
-                },
+                Request::Put { users: vec![(local.clone(), rec)], replace: false, must_exist: false },
             );
             if resp.ok {
                 tracing::info!(account = %local, %ip, "registered in-band");
@@ -128,11 +128,7 @@ pub fn post_auth(s: &mut Session, iq: &Element, q: &Element) {
     let resp = admin::execute(
         &srv.stores,
         None,
-        Request::Put {
-            users: vec![(s.local.clone(), rec)],
-            replace: true,
-            must_exist: true,
-        },
+        Request::Put { users: vec![(s.local.clone(), rec)], replace: true, must_exist: true },
     );
     if resp.ok {
         let mut r = iq_result(iq);

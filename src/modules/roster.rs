@@ -49,7 +49,11 @@ pub fn push(srv: &Arc<Server>, owner: &str, item: &Element) {
 
 /// Saves an item (deleting it when it carries no state) and pushes it.
 pub fn save(srv: &Arc<Server>, owner: &str, item: &RosterItem) {
-    let empty = item.hidden && item.subscription == crate::storage::Subscription::None && !item.ask && !item.pending_in && !item.approved;
+    let empty = item.hidden
+        && item.subscription == crate::storage::Subscription::None
+        && !item.ask
+        && !item.pending_in
+        && !item.approved;
     let r = if empty {
         srv.stores.roster.remove_roster_item(owner, &item.jid)
     } else {
@@ -125,24 +129,15 @@ fn set(s: &mut Session, iq: &Element, q: &Element) {
         if let Err(e) = s.srv.stores.roster.remove_roster_item(&s.local, &cjid) {
             tracing::error!(error = %e, "roster remove failed");
         }
-        let gone = Element::stanza("item")
-            .with_attr("jid", cjid.as_str())
-            .with_attr("subscription", "remove");
+        let gone = Element::stanza("item").with_attr("jid", cjid.as_str()).with_attr("subscription", "remove");
         let mut gone = gone;
         gone.ns = ns::ROSTER.to_string();
         push(&s.srv, &s.local, &gone);
     } else {
-        let mut item = existing.unwrap_or_else(|| RosterItem {
-            jid: cjid.clone(),
-            ..Default::default()
-        });
+        let mut item = existing.unwrap_or_else(|| RosterItem { jid: cjid.clone(), ..Default::default() });
         item.hidden = false;
         item.name = it.attr("name").map(str::to_string).filter(|n| !n.is_empty());
-        let mut groups: Vec<String> = it
-            .elements()
-            .filter(|g| g.is("group", ns::ROSTER))
-            .map(|g| g.text())
-            .collect();
+        let mut groups: Vec<String> = it.elements().filter(|g| g.is("group", ns::ROSTER)).map(|g| g.text()).collect();
         groups.sort();
         groups.dedup();
         if groups.iter().any(|g| g.is_empty() || g.len() > 1024) || item.name.as_ref().is_some_and(|n| n.len() > 1024) {

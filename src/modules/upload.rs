@@ -27,9 +27,7 @@ pub fn disco_info(s: &Session, query: &mut Element) {
     );
     query.push(Element::stanza("feature").with_attr("var", NS));
     let field = |var: &str, value: String| {
-        Element::stanza("field")
-            .with_attr("var", var)
-            .with_child(Element::stanza("value").with_text(value))
+        Element::stanza("field").with_attr("var", var).with_child(Element::stanza("value").with_text(value))
     };
     let form = Element::new("x", DATA_FORMS)
         .with_attr("type", "result")
@@ -73,12 +71,7 @@ pub fn handle(s: &mut Session, iq: &Element, req: &Element) {
         }
         Err(Refusal::BadRequest(why)) => return send_error(s, iq, StanzaError::BadRequest, why),
         Err(Refusal::Quota) => {
-            return send_error(
-                s,
-                iq,
-                StanzaError::ResourceConstraint,
-                "media quota exhausted",
-            );
+            return send_error(s, iq, StanzaError::ResourceConstraint, "media quota exhausted");
         }
         Err(Refusal::Internal) => {
             return send_error(s, iq, StanzaError::InternalServerError, "storage failure");

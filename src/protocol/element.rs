@@ -67,12 +67,7 @@ impl Element {
     /// Creates a stanza-level element in `jabber:client` without an
     /// `xmlns` attribute: it inherits the stream's default namespace.
     pub fn stanza(name: &str) -> Element {
-        Element {
-            name: name.to_string(),
-            ns: ns::CLIENT.to_string(),
-            attrs: Vec::new(),
-            children: Vec::new(),
-        }
+        Element { name: name.to_string(), ns: ns::CLIENT.to_string(), attrs: Vec::new(), children: Vec::new() }
     }
 
     /// Local part of the qualified name.
@@ -88,10 +83,7 @@ impl Element {
     }
 
     pub fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// Sets (or replaces) an attribute.
@@ -152,8 +144,7 @@ impl Element {
 
     /// Removes every direct child matching the name and namespace.
     pub fn remove_children(&mut self, local: &str, ns: &str) {
-        self.children
-            .retain(|n| !matches!(n, Node::Element(e) if e.is(local, ns)));
+        self.children.retain(|n| !matches!(n, Node::Element(e) if e.is(local, ns)));
     }
 
     /// Concatenated text of the direct children.
@@ -251,19 +242,12 @@ impl Scope {
     pub fn client_stream() -> Scope {
         Scope {
             default_ns: ns::CLIENT.to_string(),
-            prefixes: vec![
-                ("stream".to_string(), ns::STREAM.to_string()),
-                ("xml".to_string(), ns::XML.to_string()),
-            ],
+            prefixes: vec![("stream".to_string(), ns::STREAM.to_string()), ("xml".to_string(), ns::XML.to_string())],
         }
     }
 
     fn lookup(&self, prefix: &str) -> Option<&str> {
-        self.prefixes
-            .iter()
-            .rev()
-            .find(|(p, _)| p == prefix)
-            .map(|(_, u)| u.as_str())
+        self.prefixes.iter().rev().find(|(p, _)| p == prefix).map(|(_, u)| u.as_str())
     }
 
     /// Derives the child scope from a start tag's attributes and resolves
@@ -278,10 +262,7 @@ impl Scope {
             }
         }
         let ns = match qname.split_once(':') {
-            Some((p, _)) => scope
-                .lookup(p)
-                .ok_or_else(|| ParseError::BadPrefix(p.to_string()))?
-                .to_string(),
+            Some((p, _)) => scope.lookup(p).ok_or_else(|| ParseError::BadPrefix(p.to_string()))?.to_string(),
             None => scope.default_ns.clone(),
         };
         Ok((scope, ns))
@@ -294,17 +275,12 @@ fn nwf(e: impl std::fmt::Display) -> ParseError {
 
 /// Parses a start tag's name and attributes.
 fn start_parts(s: &BytesStart<'_>) -> Result<(String, Vec<(String, String)>), ParseError> {
-    let name = std::str::from_utf8(s.name().as_ref())
-        .map_err(nwf)?
-        .to_string();
+    let name = std::str::from_utf8(s.name().as_ref()).map_err(nwf)?.to_string();
     let mut attrs: Vec<(String, String)> = Vec::new();
     for a in s.attributes() {
         let a = a.map_err(nwf)?;
         let k = std::str::from_utf8(a.key.as_ref()).map_err(nwf)?.to_string();
-        let v = a
-            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-            .map_err(nwf)?
-            .into_owned();
+        let v = a.normalized_value(quick_xml::XmlVersion::Implicit1_0).map_err(nwf)?.into_owned();
         if attrs.iter().any(|(x, _)| *x == k) {
             return Err(ParseError::NotWellFormed(format!("duplicate attribute {k}")));
         }
@@ -323,12 +299,7 @@ pub fn parse_start_tag(tag: &[u8], scope: &Scope) -> Result<Element, ParseError>
             Event::Start(s) | Event::Empty(s) => {
                 let (name, attrs) = start_parts(&s)?;
                 let (_, ns) = scope.enter(&name, &attrs)?;
-                return Ok(Element {
-                    name,
-                    ns,
-                    attrs,
-                    children: Vec::new(),
-                });
+                return Ok(Element { name, ns, attrs, children: Vec::new() });
             }
             Event::Decl(_) | Event::Text(_) => continue,
             Event::Eof => return Err(ParseError::NotWellFormed("empty tag".into())),
@@ -370,35 +341,20 @@ pub fn parse_element(bytes: &[u8], scope: &Scope) -> Result<Element, ParseError>
                 let (name, attrs) = start_parts(&s)?;
                 let parent = stack.last().map(|(_, sc)| sc).unwrap_or(scope);
                 let (sc, ns) = parent.enter(&name, &attrs)?;
-                stack.push((
-                    Element {
-                        name,
-                        ns,
-                        attrs,
-                        children: Vec::new(),
-                    },
-                    sc,
-                ));
+                stack.push((Element { name, ns, attrs, children: Vec::new() }, sc));
             }
             Event::Empty(s) => {
                 let (name, attrs) = start_parts(&s)?;
                 let parent = stack.last().map(|(_, sc)| sc).unwrap_or(scope);
                 let (_, ns) = parent.enter(&name, &attrs)?;
-                let el = Element {
-                    name,
-                    ns,
-                    attrs,
-                    children: Vec::new(),
-                };
+                let el = Element { name, ns, attrs, children: Vec::new() };
                 match stack.last_mut() {
                     Some((p, _)) => p.children.push(Node::Element(el)),
                     None => done = Some(el),
                 }
             }
             Event::End(_) => {
-                let (el, _) = stack
-                    .pop()
-                    .ok_or_else(|| ParseError::NotWellFormed("unbalanced end tag".into()))?;
+                let (el, _) = stack.pop().ok_or_else(|| ParseError::NotWellFormed("unbalanced end tag".into()))?;
                 match stack.last_mut() {
                     Some((p, _)) => p.children.push(Node::Element(el)),
                     None => done = Some(el),
@@ -446,10 +402,7 @@ pub fn parse_element(bytes: &[u8], scope: &Scope) -> Result<Element, ParseError>
 
 fn push_text(stack: &mut [(Element, Scope)], s: &str, after_root: bool) -> Result<(), ParseError> {
     if let Some(c) = s.chars().find(|c| !is_xml_char(*c)) {
-        return Err(ParseError::NotWellFormed(format!(
-            "illegal character U+{:04X}",
-            c as u32
-        )));
+        return Err(ParseError::NotWellFormed(format!("illegal character U+{:04X}", c as u32)));
     }
     match stack.last_mut() {
         Some((p, _)) => {
@@ -495,13 +448,7 @@ pub fn xep82_datetime(unix_ms: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
     let mut s = String::with_capacity(24);
-    let _ = write!(
-        s,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    );
+    let _ = write!(s, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", rem / 3600, (rem / 60) % 60, rem % 60);
     if ms != 0 {
         let _ = write!(s, ".{ms:03}");
     }
@@ -519,7 +466,10 @@ mod tests {
 
     #[test]
     fn parses_message_with_namespaces() {
-        let e = p("<message to='a@b' type='chat'><body>hi &amp; &#x41;</body><x:req xmlns:x='urn:xmpp:receipts'/></message>").unwrap();
+        let e = p(
+            "<message to='a@b' type='chat'><body>hi &amp; &#x41;</body><x:req xmlns:x='urn:xmpp:receipts'/></message>",
+        )
+        .unwrap();
         assert_eq!(e.ns, ns::CLIENT);
         assert_eq!(e.attr("to"), Some("a@b"));
         assert_eq!(e.child("body", ns::CLIENT).unwrap().text(), "hi & A");

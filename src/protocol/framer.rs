@@ -90,15 +90,7 @@ pub struct Framer {
 
 impl Framer {
     pub fn new(max_stanza: usize) -> Framer {
-        Framer {
-            buf: Vec::new(),
-            pos: 0,
-            depth: 0,
-            start: None,
-            max_stanza,
-            seen_markup: false,
-            consumed: 0,
-        }
+        Framer { buf: Vec::new(), pos: 0, depth: 0, start: None, max_stanza, seen_markup: false, consumed: 0 }
     }
 
     /// Forgets everything: a new stream starts with the next byte.
@@ -358,7 +350,9 @@ mod tests {
 
     #[test]
     fn header_stanzas_close_byte_by_byte() {
-        let doc = format!("{HDR} <message to='a@b'><body>x &gt; y<![CDATA[<z>]]></body></message>\n<presence/></stream:stream>");
+        let doc = format!(
+            "{HDR} <message to='a@b'><body>x &gt; y<![CDATA[<z>]]></body></message>\n<presence/></stream:stream>"
+        );
         let chunks: Vec<String> = doc.chars().map(|c| c.to_string()).collect();
         let refs: Vec<&str> = chunks.iter().map(|s| s.as_str()).collect();
         let out = frames(&refs).unwrap();
@@ -406,10 +400,7 @@ mod tests {
     fn billion_laughs_refused() {
         let bomb = "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'>]><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
         assert_eq!(frames(&[bomb]), Err(FrameError::Restricted("DTD")));
-        assert!(matches!(
-            frames(&[HDR, "<message><body>&lol;</body></message>"]),
-            Err(FrameError::Restricted(_))
-        ));
+        assert!(matches!(frames(&[HDR, "<message><body>&lol;</body></message>"]), Err(FrameError::Restricted(_))));
     }
 
     #[test]

@@ -38,7 +38,8 @@ impl Jid {
             return Err(JidError);
         }
         if let Some(l) = local
-            && (!ok(l) || l.chars().any(|c| matches!(c, '"' | '&' | '\'' | '/' | ':' | '<' | '>' | '@') || c.is_whitespace()))
+            && (!ok(l)
+                || l.chars().any(|c| matches!(c, '"' | '&' | '\'' | '/' | ':' | '<' | '>' | '@') || c.is_whitespace()))
         {
             return Err(JidError);
         }
@@ -55,19 +56,11 @@ impl Jid {
     }
 
     pub fn bare(&self) -> Jid {
-        Jid {
-            local: self.local.clone(),
-            domain: self.domain.clone(),
-            resource: None,
-        }
+        Jid { local: self.local.clone(), domain: self.domain.clone(), resource: None }
     }
 
     pub fn with_resource(&self, r: &str) -> Jid {
-        Jid {
-            local: self.local.clone(),
-            domain: self.domain.clone(),
-            resource: Some(r.to_string()),
-        }
+        Jid { local: self.local.clone(), domain: self.domain.clone(), resource: Some(r.to_string()) }
     }
 
     pub fn is_bare(&self) -> bool {

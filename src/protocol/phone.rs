@@ -44,8 +44,8 @@ pub fn normalize(input: &str, default_region: Option<Id>) -> Result<String, Phon
     } else {
         trimmed.to_string()
     };
-    let parsed = phonenumber::parse(default_region, &candidate)
-        .map_err(|_| PhoneError::Unparsable(input.to_string()))?;
+    let parsed =
+        phonenumber::parse(default_region, &candidate).map_err(|_| PhoneError::Unparsable(input.to_string()))?;
     if parsed.extension().is_some() {
         return Err(PhoneError::Invalid(input.to_string()));
     }

@@ -364,10 +364,7 @@ impl OfflineStore for FjallStore {
 
 impl RosterStore for FjallStore {
     fn roster(&self, owner: &str) -> Result<Vec<RosterItem>> {
-        self.roster
-            .prefix(owner_prefix(owner))
-            .map(|g| codec::from_json(&g.value().map_err(eng)?))
-            .collect()
+        self.roster.prefix(owner_prefix(owner)).map(|g| codec::from_json(&g.value().map_err(eng)?)).collect()
     }
 
     fn roster_item(&self, owner: &str, contact: &str) -> Result<Option<RosterItem>> {

@@ -124,13 +124,7 @@ impl OfflineStore for MemoryStore {
 
 impl RosterStore for MemoryStore {
     fn roster(&self, owner: &str) -> Result<Vec<RosterItem>> {
-        Ok(self
-            .roster
-            .lock()
-            .map_err(poisoned)?
-            .get(owner)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default())
+        Ok(self.roster.lock().map_err(poisoned)?.get(owner).map(|m| m.values().cloned().collect()).unwrap_or_default())
     }
     fn roster_item(&self, owner: &str, contact: &str) -> Result<Option<RosterItem>> {
         Ok(self.roster.lock().map_err(poisoned)?.get(owner).and_then(|m| m.get(contact).cloned()))
@@ -161,10 +155,7 @@ impl SettingsStore for MemoryStore {
         Ok(self.settings.lock().map_err(poisoned)?.get(&(owner.to_string(), name.to_string())).cloned())
     }
     fn put_setting(&self, owner: &str, name: &str, value: &[u8]) -> Result<Ticket> {
-        self.settings
-            .lock()
-            .map_err(poisoned)?
-            .insert((owner.to_string(), name.to_string()), value.to_vec());
+        self.settings.lock().map_err(poisoned)?.insert((owner.to_string(), name.to_string()), value.to_vec());
         Ok(self.ticket())
     }
     fn delete_setting(&self, owner: &str, name: &str) -> Result<Ticket> {

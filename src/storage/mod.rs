@@ -255,10 +255,7 @@ pub trait Durability: Send + Sync {
 /// # Errors
 /// [`StoreError::Closed`] if the engine stopped first.
 pub async fn wait_durable(rx: &mut watch::Receiver<Ticket>, ticket: Ticket) -> Result<()> {
-    rx.wait_for(|c| *c >= ticket)
-        .await
-        .map(|_| ())
-        .map_err(|_| StoreError::Closed)
+    rx.wait_for(|c| *c >= ticket).await.map(|_| ()).map_err(|_| StoreError::Closed)
 }
 
 /// All stores of one engine.

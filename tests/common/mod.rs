@@ -43,13 +43,7 @@ impl TestServer {
             assert!(st.success());
         }
         let (child, port, http_port) = spawn(&dir.join("data"), &cfg);
-        TestServer {
-            child,
-            port,
-            http_port,
-            dir,
-            cfg,
-        }
+        TestServer { child, port, http_port, dir, cfg }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -136,11 +130,7 @@ pub struct Client {
 impl Client {
     pub async fn connect(port: u16) -> Client {
         let sock = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-        Client {
-            sock,
-            framer: Framer::new(1 << 20),
-            jid: String::new(),
-        }
+        Client { sock, framer: Framer::new(1 << 20), jid: String::new() }
     }
 
     pub async fn send(&mut self, xml: &str) {
@@ -208,8 +198,7 @@ impl Client {
         c.next(5).await.expect("header");
         c.next(5).await.expect("features");
         let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{local}\0{password}"));
-        c.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>"))
-            .await;
+        c.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>")).await;
         match c.next(5).await {
             Some(Frame::Stanza(e)) if e.local_name() == "success" => {}
             other => panic!("auth failed for {local}: {other:?}"),
@@ -265,14 +254,8 @@ pub async fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, Vec<
     let text = String::from_utf8_lossy(&resp).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string()))
-        .collect();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_string())).collect();
     (status, headers, body.to_string())
 }
