@@ -291,7 +291,7 @@ impl Router for LocalRouter {
 
     fn account_exists(&self, local: &str) -> bool {
         let live = self.registry.peek(local, |e| !e.sessions.is_empty()).unwrap_or(false);
-        live || matches!(self.users.get_user(local), Ok(Some(_)))
+        live || matches!(self.users.has_user(local), Ok(true))
     }
 }
 
@@ -327,20 +327,7 @@ mod tests {
             assert!(matches!(r.message(&to, msg(&i.to_string()), MessageClass::Durable), Ok(Delivery::Durable(_))));
         }
         let (tx, mut rx) = mpsc::channel(8);
-        reg.bind(
-            "15550000001",
-            SessionHandle {
-                id: 9,
-                resource: "r".into(),
-                tx,
-                available: false,
-                priority: 0,
-                presence: None,
-                interested: false,
-                carbons: false,
-            },
-            5,
-        );
+        reg.bind("15550000001", SessionHandle::new(9, "r", tx), 5);
         let upto = r.attach("15550000001", 9);
         r.message(&to, msg("live"), MessageClass::Durable).unwrap();
         let stored = r.pending("15550000001", 0, upto, 100);

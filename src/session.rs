@@ -59,6 +59,22 @@ pub struct SessionHandle {
     pub carbons: bool,
 }
 
+impl SessionHandle {
+    /// A freshly bound session: not yet available, priority 0.
+    pub fn new(id: u64, resource: impl Into<String>, tx: mpsc::Sender<Outbound>) -> SessionHandle {
+        SessionHandle {
+            id,
+            resource: resource.into(),
+            tx,
+            available: false,
+            priority: 0,
+            presence: None,
+            interested: false,
+            carbons: false,
+        }
+    }
+}
+
 /// One account's live state.
 #[derive(Debug, Default)]
 pub struct AccountEntry {
@@ -255,19 +271,7 @@ mod tests {
 
     fn handle(id: u64, res: &str) -> (SessionHandle, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(4);
-        (
-            SessionHandle {
-                id,
-                resource: res.into(),
-                tx,
-                available: false,
-                priority: 0,
-                presence: None,
-                interested: false,
-                carbons: false,
-            },
-            rx,
-        )
+        (SessionHandle::new(id, res, tx), rx)
     }
 
     #[test]

@@ -647,16 +647,7 @@ impl Conn {
         };
         let (tx, rx) = mpsc::channel(self.srv.cfg.limits.session_queue.max(16));
         let sid = self.srv.next_id();
-        let handle = SessionHandle {
-            id: sid,
-            resource: resource.clone(),
-            tx,
-            available: false,
-            priority: 0,
-            presence: None,
-            interested: false,
-            carbons: false,
-        };
+        let handle = SessionHandle::new(sid, resource.clone(), tx);
         for old in self.srv.registry.bind(&local, handle, self.srv.cfg.limits.max_resources) {
             let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
         }

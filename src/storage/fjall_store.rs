@@ -241,6 +241,10 @@ impl UserStore for FjallStore {
         }
     }
 
+    fn has_user(&self, local: &str) -> Result<bool> {
+        self.users.contains_key(local).map_err(eng)
+    }
+
     fn put_user(&self, local: &str, rec: &UserRecord) -> Result<Ticket> {
         let v = codec::json(rec);
         self.write(|b| b.insert(&self.users, local, v))

@@ -148,6 +148,11 @@ pub struct RosterItem {
 /// Accounts and their credentials, keyed by localpart.
 pub trait UserStore: Send + Sync {
     fn get_user(&self, local: &str) -> Result<Option<UserRecord>>;
+    /// Whether the account exists, without decoding its record (checked
+    /// for every message to an account with no live session).
+    fn has_user(&self, local: &str) -> Result<bool> {
+        Ok(self.get_user(local)?.is_some())
+    }
     fn put_user(&self, local: &str, rec: &UserRecord) -> Result<Ticket>;
     /// Writes many accounts as one batch (bulk import).
     fn put_users(&self, recs: &[(String, UserRecord)]) -> Result<Ticket>;
