@@ -96,7 +96,7 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                 .and_then(|_| stores.settings.clear_settings(&local));
             crate::modules::groups::forget_account(stores, &local);
             if let Some(srv) = srv {
-                srv.registry.with(&local, |e| e.queued = Some(0));
+                srv.registry.with(&local, |e| e.queue = Some(Default::default()));
             }
             match r {
                 Ok(_) => Response { ok: true, error: None, users: Vec::new(), count: 1 },

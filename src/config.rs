@@ -31,6 +31,38 @@ pub struct Config {
     pub registration: Registration,
     pub sms: crate::api::sms::SmsConfig,
     pub groups: Groups,
+    pub delivery: Delivery,
+}
+
+/// Memory and rate bounds of message delivery to and from one session.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Delivery {
+    /// Bytes of stanzas sent and not yet acknowledged (XEP-0198) one
+    /// session may hold, live or parked for resumption; beyond it the
+    /// stream is closed with `policy-violation` (stored messages stay
+    /// stored). The offline backlog is read only while less than half of
+    /// it is in use.
+    pub max_unacked_bytes: usize,
+    /// Bytes waiting in one session's outbound queue; beyond it the
+    /// session is disconnected as a slow consumer.
+    pub max_outbound_bytes: usize,
+    /// Messages one account may send per second, sustained; beyond it
+    /// the sender gets `policy-violation`.
+    pub messages_per_sec: f64,
+    /// Messages one account may send at once after a pause.
+    pub messages_burst: f64,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            max_unacked_bytes: 2 << 20,
+            max_outbound_bytes: 2 << 20,
+            messages_per_sec: 50.0,
+            messages_burst: 500.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -158,6 +190,12 @@ pub struct Offline {
     /// Messages held per recipient; beyond it senders get
     /// `resource-constraint`.
     pub max_queue: usize,
+    /// Bytes held per recipient, likewise.
+    pub max_queue_bytes: usize,
+    /// Percentage of `max_queue` and of `max_queue_bytes` one sender (an
+    /// account, or a group) may hold in one recipient's queue, so that a
+    /// flood from one sender leaves the inbox open to everyone else.
+    pub sender_share_percent: u8,
     /// Days an undelivered message is kept.
     pub expiry_days: u64,
     /// How often the expiry reaper runs, in seconds.
@@ -197,6 +235,7 @@ impl Default for Config {
             registration: Registration::default(),
             sms: Default::default(),
             groups: Groups::default(),
+            delivery: Delivery::default(),
         }
     }
 }
@@ -229,7 +268,13 @@ impl Default for Limits {
 
 impl Default for Offline {
     fn default() -> Self {
-        Offline { max_queue: 10_000, expiry_days: 30, reap_interval_secs: 3600 }
+        Offline {
+            max_queue: 10_000,
+            max_queue_bytes: 64 << 20,
+            sender_share_percent: 25,
+            expiry_days: 30,
+            reap_interval_secs: 3600,
+        }
     }
 }
 
@@ -309,6 +354,22 @@ impl Config {
         }
         if self.offline.max_queue == 0 {
             bail!("offline.max_queue must be positive");
+        }
+        if self.offline.max_queue_bytes < self.limits.max_stanza_bytes {
+            bail!("offline.max_queue_bytes must be at least limits.max_stanza_bytes");
+        }
+        if !(1..=100).contains(&self.offline.sender_share_percent) {
+            bail!("offline.sender_share_percent must be between 1 and 100");
+        }
+        if self.delivery.max_unacked_bytes < 2 * self.limits.max_stanza_bytes
+            || self.delivery.max_outbound_bytes < self.limits.max_stanza_bytes
+        {
+            bail!(
+                "delivery.max_unacked_bytes must be at least twice, max_outbound_bytes at least once limits.max_stanza_bytes"
+            );
+        }
+        if !(self.delivery.messages_per_sec > 0.0 && self.delivery.messages_burst >= 1.0) {
+            bail!("delivery.messages_per_sec must be positive and delivery.messages_burst at least 1");
         }
         if crate::protocol::phone::region(&self.phone.default_region).is_none() {
             bail!("phone.default_region {:?} is not a region code", self.phone.default_region);

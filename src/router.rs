@@ -15,15 +15,15 @@
 //! unacknowledged messages, never an archive.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::protocol::element::xep82_datetime;
 use crate::protocol::stanza::StanzaError;
 use crate::protocol::{Element, Jid, ns};
-use crate::session::{Outbound, SessionRegistry};
-use crate::storage::{OfflineStore, StoredMessage, Ticket, UserStore};
+use crate::session::{AccountEntry, Outbound, SessionHandle, SessionRegistry, TokenBucket};
+use crate::storage::{OfflineStore, QueueUsage, QueuedMeta, StoredMessage, Ticket, UserStore};
 
 /// Outcome of routing a message.
 #[derive(Debug, PartialEq, Eq)]
@@ -44,6 +44,9 @@ pub enum MessageClass {
     LiveOnly,
 }
 
+/// Why a fan-out left a member out.
+pub type Refused = (String, StanzaError);
+
 /// Routing interface between features and the delivery machinery.
 pub trait Router: Send + Sync {
     /// Delivers a message (with `from` stamped) to the local account named
@@ -51,8 +54,8 @@ pub trait Router: Send + Sync {
     ///
     /// # Errors
     /// `service-unavailable` for unknown accounts, `resource-constraint`
-    /// when the recipient's queue is full, `internal-server-error` when
-    /// the store fails.
+    /// when the recipient's queue is full or the sender holds its whole
+    /// share of it, `internal-server-error` when the store fails.
     fn message(&self, to: &Jid, stanza: Element, class: MessageClass) -> Result<Delivery, StanzaError>;
 
     /// Pushes a non-stored stanza to one full JID, or to every available
@@ -73,10 +76,15 @@ pub trait Router: Send + Sync {
     /// Whether the account exists.
     fn account_exists(&self, local: &str) -> bool;
 
+    /// Takes one message from `local`'s sending budget (the per-account
+    /// rate limit); false when it is used up.
+    fn admit_message(&self, local: &str) -> bool;
+
     /// Delivers one message to many accounts (group fan-out) with one
     /// batched durable write. `build(local, seq)` renders the stanza for
-    /// each recipient. Returns the ticket and the recipients whose queue
-    /// was full (they do not get it).
+    /// each recipient. Returns the ticket and the recipients that do not
+    /// get it, each with the reason (`resource-constraint`: their queue
+    /// is full, or the sender holds its whole share of it).
     ///
     /// # Errors
     /// `internal-server-error` when the store fails.
@@ -84,7 +92,50 @@ pub trait Router: Send + Sync {
         &self,
         recipients: &[String],
         build: &dyn Fn(&str, u64) -> String,
-    ) -> Result<(Ticket, Vec<String>), StanzaError>;
+    ) -> Result<(Ticket, Vec<Refused>), StanzaError>;
+}
+
+/// Limits on what a recipient's queue holds and on how fast an account
+/// sends.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Messages per queue.
+    pub max_queue: usize,
+    /// Bytes per queue.
+    pub max_queue_bytes: usize,
+    /// Percentage of both that one sender may hold.
+    pub sender_share_percent: u8,
+    /// Messages per second one account may send, sustained.
+    pub rate_per_sec: f64,
+    /// Messages one account may send at once after a pause.
+    pub rate_burst: f64,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &crate::config::Config) -> Limits {
+        Limits {
+            max_queue: cfg.offline.max_queue,
+            max_queue_bytes: cfg.offline.max_queue_bytes,
+            sender_share_percent: cfg.offline.sender_share_percent,
+            rate_per_sec: cfg.delivery.messages_per_sec,
+            rate_burst: cfg.delivery.messages_burst,
+        }
+    }
+
+    /// Whether a message of `bytes` from `sender` fits into `q`.
+    fn admits(&self, q: &QueueUsage, sender: &str, bytes: usize) -> Result<(), StanzaError> {
+        if q.count >= self.max_queue || q.bytes + bytes > self.max_queue_bytes {
+            return Err(StanzaError::ResourceConstraint);
+        }
+        let pct = usize::from(self.sender_share_percent.clamp(1, 100));
+        let (n, b) = q.of_sender(sender);
+        let max_n = (self.max_queue * pct / 100).max(1);
+        let max_b = (self.max_queue_bytes / 100 * pct).max(bytes);
+        if n >= max_n || b + bytes > max_b {
+            return Err(StanzaError::ResourceConstraint);
+        }
+        Ok(())
+    }
 }
 
 /// Single-node router over the local registry and store.
@@ -93,22 +144,53 @@ pub struct LocalRouter {
     registry: Arc<SessionRegistry>,
     offline: Arc<dyn OfflineStore>,
     users: Arc<dyn UserStore>,
-    seq: AtomicU64,
-    max_queue: usize,
+    limits: Limits,
 }
 
 impl LocalRouter {
-    /// # Errors
-    /// When the store cannot report its highest sequence number.
     pub fn new(
         domain: &str,
         registry: Arc<SessionRegistry>,
         offline: Arc<dyn OfflineStore>,
         users: Arc<dyn UserStore>,
-        max_queue: usize,
-    ) -> crate::storage::Result<LocalRouter> {
-        let start = offline.max_seq()?;
-        Ok(LocalRouter { domain: domain.to_string(), registry, offline, users, seq: AtomicU64::new(start), max_queue })
+        limits: Limits,
+    ) -> LocalRouter {
+        LocalRouter { domain: domain.to_string(), registry, offline, users, limits }
+    }
+
+    /// The account's queue usage, loaded on first use.
+    fn usage<'e>(&self, local: &str, e: &'e mut AccountEntry) -> Result<&'e mut QueueUsage, StanzaError> {
+        if e.queue.is_none() {
+            e.queue = Some(self.offline.usage(local).map_err(|_| StanzaError::InternalServerError)?);
+        }
+        e.queue.as_mut().ok_or(StanzaError::InternalServerError)
+    }
+
+    /// The account's highest assigned sequence number, loaded on first use.
+    fn last_seq(&self, local: &str, e: &mut AccountEntry) -> Result<u64, StanzaError> {
+        if let Some(s) = e.last_seq {
+            return Ok(s);
+        }
+        let s = self.offline.last_seq(local).map_err(|_| StanzaError::InternalServerError)?;
+        e.last_seq = Some(s);
+        Ok(s)
+    }
+}
+
+/// Pushes a stored message to the account's sessions `wanted` selects; a
+/// session whose channel is full (in items or bytes) loses its registry
+/// handle: its connection drains what it has and closes as a slow
+/// consumer. The message stays stored.
+fn push_live(local: &str, e: &mut AccountEntry, seq: u64, xml: &Arc<str>, wanted: impl Fn(&SessionHandle) -> bool) {
+    let mut slow = Vec::new();
+    for s in e.sessions.iter().filter(|s| wanted(s)) {
+        if let Err(TrySendError::Full(_)) = s.tx.try_send(Outbound::Stored { seq, xml: xml.clone() }) {
+            slow.push(s.id);
+        }
+    }
+    if !slow.is_empty() {
+        tracing::warn!(account = local, sessions = slow.len(), "disconnecting slow consumer");
+        e.sessions.retain(|s| !slow.contains(&s.id));
     }
 }
 
@@ -147,15 +229,7 @@ impl Router for LocalRouter {
         }
         let bare = to.bare_string();
         self.registry.with(local, |e| {
-            let queued = match e.queued {
-                Some(n) => n,
-                None => self.offline.count(local).map_err(|_| StanzaError::InternalServerError)?,
-            };
-            if queued >= self.max_queue {
-                e.queued = Some(queued);
-                return Err(StanzaError::ResourceConstraint);
-            }
-            let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
+            let seq = self.last_seq(local, e)? + 1;
             // XEP-0359: a server-assigned id lets devices drop duplicates.
             stanza.remove_children("stanza-id", ns::STANZA_ID);
             stanza.push(
@@ -163,31 +237,18 @@ impl Router for LocalRouter {
                     .with_attr("id", seq.to_string())
                     .with_attr("by", bare.as_str()),
             );
-            let xml = stanza.to_xml();
-            let rec = StoredMessage { ts_ms: crate::accounts::now_ms(), xml };
+            let rec = StoredMessage { ts_ms: crate::accounts::now_ms(), xml: stanza.to_xml() };
+            let meta = QueuedMeta::of(&rec);
+            self.limits.admits(self.usage(local, e)?, &meta.sender, meta.bytes)?;
             let ticket = self.offline.push(&[(local, seq, &rec)]).map_err(|_| StanzaError::InternalServerError)?;
-            e.queued = Some(queued + 1);
+            e.last_seq = Some(seq);
+            self.usage(local, e)?.add(&meta.sender, meta.bytes);
             let xml: Arc<str> = rec.xml.into();
             let full_target = to.resource.as_deref().and_then(|r| e.by_resource(r)).map(|s| s.id);
-            let mut slow = Vec::new();
-            for s in e.sessions.iter() {
-                let wanted = match full_target {
-                    Some(id) => s.id == id,
-                    None => s.available && s.priority >= 0,
-                };
-                if !wanted {
-                    continue;
-                }
-                if let Err(TrySendError::Full(_)) = s.tx.try_send(Outbound::Stored { seq, xml: xml.clone() }) {
-                    slow.push(s.id);
-                }
-            }
-            // A slow consumer loses its registry handle; its connection
-            // drains what it has and closes. The message stays stored.
-            if !slow.is_empty() {
-                tracing::warn!(account = local, sessions = slow.len(), "disconnecting slow consumer");
-                e.sessions.retain(|s| !slow.contains(&s.id));
-            }
+            push_live(local, e, seq, &xml, |s| match full_target {
+                Some(id) => s.id == id,
+                None => s.available && s.priority >= 0,
+            });
             Ok(Delivery::Durable(ticket))
         })
     }
@@ -216,9 +277,11 @@ impl Router for LocalRouter {
             return;
         }
         self.registry.with(local, |e| match self.offline.remove(local, seqs) {
-            Ok((_, n)) => {
-                if let Some(q) = e.queued.as_mut() {
-                    *q = q.saturating_sub(n);
+            Ok((_, gone)) => {
+                if let Some(q) = e.queue.as_mut() {
+                    for m in &gone {
+                        q.sub(m);
+                    }
                 }
             }
             Err(err) => tracing::error!(account = local, error = %err, "deleting acknowledged messages failed"),
@@ -230,7 +293,13 @@ impl Router for LocalRouter {
             if let Some(s) = e.session_mut(session_id) {
                 s.available = true;
             }
-            self.seq.load(Ordering::Acquire)
+            match self.last_seq(local, e) {
+                Ok(s) => s,
+                Err(_) => {
+                    tracing::error!(account = local, "reading the sequence mark failed; backlog read in full");
+                    u64::MAX
+                }
+            }
         })
     }
 
@@ -248,75 +317,84 @@ impl Router for LocalRouter {
         &self,
         recipients: &[String],
         build: &dyn Fn(&str, u64) -> String,
-    ) -> Result<(Ticket, Vec<String>), StanzaError> {
+    ) -> Result<(Ticket, Vec<Refused>), StanzaError> {
         let mut g = self.registry.lock_many(recipients);
         let now = crate::accounts::now_ms();
-        let mut items: Vec<(&str, u64, StoredMessage)> = Vec::with_capacity(recipients.len());
-        let mut full = Vec::new();
+        let mut items: Vec<(&str, u64, StoredMessage, QueuedMeta)> = Vec::with_capacity(recipients.len());
+        let mut refused = Vec::new();
         for r in recipients {
             let Some(e) = g.entry(r) else { continue };
-            let queued = match e.queued {
-                Some(n) => n,
-                None => self.offline.count(r).map_err(|_| StanzaError::InternalServerError)?,
-            };
-            e.queued = Some(queued);
-            if queued >= self.max_queue {
-                full.push(r.clone());
+            let seq = self.last_seq(r, e)? + 1;
+            let m = StoredMessage { ts_ms: now, xml: build(r, seq) };
+            let meta = QueuedMeta::of(&m);
+            if let Err(why) = self.limits.admits(self.usage(r, e)?, &meta.sender, meta.bytes) {
+                refused.push((r.clone(), why));
                 continue;
             }
-            let seq = self.seq.fetch_add(1, Ordering::AcqRel) + 1;
-            items.push((r.as_str(), seq, StoredMessage { ts_ms: now, xml: build(r, seq) }));
+            items.push((r.as_str(), seq, m, meta));
         }
         if items.is_empty() {
-            return Ok((0, full));
+            return Ok((0, refused));
         }
-        let refs: Vec<(&str, u64, &StoredMessage)> = items.iter().map(|(l, s, m)| (*l, *s, m)).collect();
+        let refs: Vec<(&str, u64, &StoredMessage)> = items.iter().map(|(l, s, m, _)| (*l, *s, m)).collect();
         let ticket = self.offline.push(&refs).map_err(|_| StanzaError::InternalServerError)?;
-        for (local, seq, m) in items {
+        for (local, seq, m, meta) in items {
             let Some(e) = g.entry(local) else { continue };
-            e.queued = Some(e.queued.unwrap_or(0) + 1);
+            e.last_seq = Some(seq);
+            if let Some(q) = e.queue.as_mut() {
+                q.add(&meta.sender, meta.bytes);
+            }
             let xml: Arc<str> = m.xml.into();
-            let mut slow = Vec::new();
-            for s in e.sessions.iter().filter(|s| s.available && s.priority >= 0) {
-                if let Err(TrySendError::Full(_)) = s.tx.try_send(Outbound::Stored { seq, xml: xml.clone() }) {
-                    slow.push(s.id);
-                }
-            }
-            if !slow.is_empty() {
-                e.sessions.retain(|s| !slow.contains(&s.id));
-            }
+            push_live(local, e, seq, &xml, |s| s.available && s.priority >= 0);
         }
-        Ok((ticket, full))
+        Ok((ticket, refused))
     }
 
     fn account_exists(&self, local: &str) -> bool {
         let live = self.registry.peek(local, |e| !e.sessions.is_empty()).unwrap_or(false);
         live || matches!(self.users.has_user(local), Ok(true))
     }
+
+    fn admit_message(&self, local: &str) -> bool {
+        let (rate, burst) = (self.limits.rate_per_sec, self.limits.rate_burst);
+        self.registry.with(local, |e| {
+            e.send_budget.get_or_insert_with(|| TokenBucket::full(burst)).take(rate, burst, Instant::now())
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::SessionHandle;
+    use crate::session::outbound_channel;
     use crate::storage::Stores;
-    use tokio::sync::mpsc;
 
-    fn router(max_queue: usize) -> (LocalRouter, Arc<SessionRegistry>, Stores) {
+    fn limits(max_queue: usize) -> Limits {
+        Limits { max_queue, max_queue_bytes: 1 << 20, sender_share_percent: 100, rate_per_sec: 10.0, rate_burst: 3.0 }
+    }
+
+    fn router_with(l: Limits) -> (LocalRouter, Arc<SessionRegistry>, Stores) {
         let stores = Stores::memory();
         stores.users.put_user("15550000001", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
         let reg = Arc::new(SessionRegistry::default());
-        let r = LocalRouter::new("localhost", reg.clone(), stores.offline.clone(), stores.users.clone(), max_queue)
-            .unwrap();
+        let r = LocalRouter::new("localhost", reg.clone(), stores.offline.clone(), stores.users.clone(), l);
         (r, reg, stores)
     }
 
-    fn msg(body: &str) -> Element {
+    fn router(max_queue: usize) -> (LocalRouter, Arc<SessionRegistry>, Stores) {
+        router_with(limits(max_queue))
+    }
+
+    fn msg_from(from: &str, body: &str) -> Element {
         Element::stanza("message")
             .with_attr("to", "15550000001@localhost")
-            .with_attr("from", "15550000002@localhost/a")
+            .with_attr("from", from)
             .with_attr("type", "chat")
             .with_child(Element::stanza("body").with_text(body))
+    }
+
+    fn msg(body: &str) -> Element {
+        msg_from("15550000002@localhost/a", body)
     }
 
     #[test]
@@ -326,7 +404,7 @@ mod tests {
         for i in 0..3 {
             assert!(matches!(r.message(&to, msg(&i.to_string()), MessageClass::Durable), Ok(Delivery::Durable(_))));
         }
-        let (tx, mut rx) = mpsc::channel(8);
+        let (tx, mut rx) = outbound_channel(8, 1 << 20);
         reg.bind("15550000001", SessionHandle::new(9, "r", tx), 5);
         let upto = r.attach("15550000001", 9);
         r.message(&to, msg("live"), MessageClass::Durable).unwrap();
@@ -335,14 +413,66 @@ mod tests {
         assert!(stored[0].1.contains("<body>0</body>") && stored[0].1.contains("urn:xmpp:delay"));
         assert!(stored[2].1.contains("<body>2</body>"));
         match rx.try_recv() {
-            Ok(Outbound::Stored { xml, .. }) => assert!(xml.contains("live") && !xml.contains("urn:xmpp:delay")),
+            Some(Outbound::Stored { xml, .. }) => assert!(xml.contains("live") && !xml.contains("urn:xmpp:delay")),
             other => panic!("{other:?}"),
         }
         let seqs: Vec<u64> = stored.iter().map(|(s, _)| *s).collect();
         r.confirm("15550000001", &seqs);
         r.confirm("15550000001", &seqs);
         assert_eq!(stores.offline.count("15550000001").unwrap(), 1);
-        assert_eq!(reg.peek("15550000001", |e| e.queued), Some(Some(1)));
+        assert_eq!(reg.peek("15550000001", |e| e.queue.as_ref().map(|q| q.count)), Some(Some(1)));
+    }
+
+    #[test]
+    fn one_sender_gets_only_its_share_and_others_still_get_through() {
+        let (r, _reg, stores) = router_with(Limits { sender_share_percent: 25, ..limits(8) });
+        let to = Jid::parse("15550000001@localhost").unwrap();
+        let flood = "15550000002@localhost/a";
+        for i in 0..2 {
+            r.message(&to, msg_from(flood, &i.to_string()), MessageClass::Durable).unwrap();
+        }
+        assert_eq!(r.message(&to, msg_from(flood, "x"), MessageClass::Durable), Err(StanzaError::ResourceConstraint));
+        r.message(&to, msg_from("15550000003@localhost/b", "hi"), MessageClass::Durable).unwrap();
+        assert_eq!(stores.offline.count("15550000001").unwrap(), 3);
+        // Bytes count as well: one large message uses up a sender's share.
+        let (r, _reg, _s) = router_with(Limits { sender_share_percent: 25, max_queue_bytes: 4000, ..limits(100) });
+        r.message(&to, msg_from(flood, &"x".repeat(700)), MessageClass::Durable).unwrap();
+        assert_eq!(
+            r.message(&to, msg_from(flood, &"y".repeat(700)), MessageClass::Durable),
+            Err(StanzaError::ResourceConstraint)
+        );
+        r.message(&to, msg_from("15550000003@localhost/b", &"z".repeat(700)), MessageClass::Durable).unwrap();
+        // And the queue as a whole has a byte limit.
+        let (r, _reg, _s) = router_with(Limits { max_queue_bytes: 2000, ..limits(100) });
+        r.message(&to, msg(&"x".repeat(900)), MessageClass::Durable).unwrap();
+        assert_eq!(r.message(&to, msg(&"x".repeat(900)), MessageClass::Durable), Err(StanzaError::ResourceConstraint));
+    }
+
+    #[test]
+    fn sequence_numbers_are_per_account_and_survive_an_empty_queue() {
+        let (r, reg, stores) = router(10);
+        stores.users.put_user("15550000009", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
+        let to = Jid::parse("15550000001@localhost").unwrap();
+        let other = Jid::parse("15550000009@localhost").unwrap();
+        r.message(&to, msg("a"), MessageClass::Durable).unwrap();
+        r.message(&other, msg("b"), MessageClass::Durable).unwrap();
+        r.message(&to, msg("c"), MessageClass::Durable).unwrap();
+        let seqs: Vec<u64> = r.pending("15550000001", 0, u64::MAX, 10).iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![1, 2]);
+        assert_eq!(r.pending("15550000009", 0, u64::MAX, 10)[0].0, 1);
+        r.confirm("15550000001", &seqs);
+        // Forget the cached mark, as after the entry was dropped.
+        reg.with("15550000001", |e| e.last_seq = None);
+        r.message(&to, msg("d"), MessageClass::Durable).unwrap();
+        assert_eq!(r.pending("15550000001", 0, u64::MAX, 10)[0].0, 3);
+    }
+
+    #[test]
+    fn rate_limit_per_account() {
+        let (r, _reg, _s) = router(10);
+        assert!((0..3).all(|_| r.admit_message("15550000002")));
+        assert!(!r.admit_message("15550000002"));
+        assert!(r.admit_message("15550000003"));
     }
 
     #[test]

@@ -51,8 +51,8 @@ impl Server {
             registry.clone(),
             stores.offline.clone(),
             stores.users.clone(),
-            cfg.offline.max_queue,
-        )?);
+            crate::router::Limits::from_config(&cfg),
+        ));
         let sasl = Sasl::new(stores.users.clone(), &cfg.domain)?;
         let tls = crate::c2s::tls::server_config(&cfg)?;
         let connections = Arc::new(Semaphore::new(cfg.limits.max_connections));

@@ -14,9 +14,14 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::storage::QueueUsage;
 
 /// Why the server closes a session from the outside.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +46,122 @@ pub enum Outbound {
     Close(CloseReason),
 }
 
+impl Outbound {
+    /// Bytes this item holds while queued.
+    fn bytes(&self) -> usize {
+        match self {
+            Outbound::Stanza(x) | Outbound::Stored { xml: x, .. } => x.len(),
+            Outbound::Close(_) => 0,
+        }
+    }
+}
+
+/// Bytes queued in one session's outbound channel, and their limit.
+#[derive(Debug)]
+struct Gauge {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+/// Sending side of a session's outbound channel: bounded in items and in
+/// bytes. Over either bound `try_send` fails with `Full`, and the router
+/// treats the session as a slow consumer.
+#[derive(Clone, Debug)]
+pub struct OutboundTx {
+    tx: mpsc::Sender<Outbound>,
+    gauge: Arc<Gauge>,
+}
+
+/// Receiving side of a session's outbound channel.
+#[derive(Debug)]
+pub struct OutboundRx {
+    rx: mpsc::Receiver<Outbound>,
+    gauge: Arc<Gauge>,
+}
+
+/// A session's outbound channel holding at most `items` items and
+/// `bytes` bytes of stanzas (a close request always fits when there is
+/// room for an item).
+pub fn outbound_channel(items: usize, bytes: usize) -> (OutboundTx, OutboundRx) {
+    let (tx, rx) = mpsc::channel(items.max(1));
+    let gauge = Arc::new(Gauge { used: AtomicUsize::new(0), limit: bytes });
+    (OutboundTx { tx, gauge: gauge.clone() }, OutboundRx { rx, gauge })
+}
+
+impl OutboundTx {
+    /// Queues `o` without waiting.
+    ///
+    /// # Errors
+    /// `Full` when the channel has no room for its item or its bytes,
+    /// `Closed` when the session is gone.
+    pub fn try_send(&self, o: Outbound) -> Result<(), TrySendError<Outbound>> {
+        let n = o.bytes();
+        let before = self.gauge.used.fetch_add(n, Ordering::AcqRel);
+        if n > 0 && before + n > self.gauge.limit {
+            self.gauge.used.fetch_sub(n, Ordering::AcqRel);
+            return Err(TrySendError::Full(o));
+        }
+        self.tx.try_send(o).inspect_err(|_| {
+            self.gauge.used.fetch_sub(n, Ordering::AcqRel);
+        })
+    }
+}
+
+impl OutboundRx {
+    fn took(&self, o: &Outbound) {
+        self.gauge.used.fetch_sub(o.bytes(), Ordering::AcqRel);
+    }
+
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        let o = self.rx.recv().await?;
+        self.took(&o);
+        Some(o)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let o = self.rx.try_recv().ok()?;
+        self.took(&o);
+        Some(o)
+    }
+
+    /// Bytes waiting in the channel.
+    pub fn queued_bytes(&self) -> usize {
+        self.gauge.used.load(Ordering::Acquire)
+    }
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn full(burst: f64) -> TokenBucket {
+        TokenBucket { tokens: burst, last: Instant::now() }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The registry's view of one live session.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
     pub id: u64,
     pub resource: String,
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: OutboundTx,
     /// Sent initial presence and not yet unavailable.
     pub available: bool,
     pub priority: i8,
@@ -61,7 +176,7 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// A freshly bound session: not yet available, priority 0.
-    pub fn new(id: u64, resource: impl Into<String>, tx: mpsc::Sender<Outbound>) -> SessionHandle {
+    pub fn new(id: u64, resource: impl Into<String>, tx: OutboundTx) -> SessionHandle {
         SessionHandle {
             id,
             resource: resource.into(),
@@ -79,8 +194,14 @@ impl SessionHandle {
 #[derive(Debug, Default)]
 pub struct AccountEntry {
     pub sessions: Vec<SessionHandle>,
-    /// Offline queue length, loaded lazily from the store.
-    pub queued: Option<usize>,
+    /// What the offline queue holds (per sender too), loaded lazily from
+    /// the store and kept up to date under this lock.
+    pub queue: Option<QueueUsage>,
+    /// Highest sequence number assigned to this account, loaded lazily
+    /// from the store's durable mark.
+    pub last_seq: Option<u64>,
+    /// Messages this account may still send now (rate limit).
+    pub send_budget: Option<TokenBucket>,
     /// Last time the account had no session left (unix ms), for
     /// "last seen".
     pub last_seen_ms: u64,
@@ -195,7 +316,7 @@ impl SessionRegistry {
         let removed = e.sessions.len() != before;
         if e.sessions.is_empty() {
             e.last_seen_ms = now_ms;
-            if e.queued == Some(0) || e.queued.is_none() {
+            if e.queue.as_ref().is_none_or(|q| q.count == 0) {
                 g.remove(local);
             }
         }
@@ -247,7 +368,7 @@ impl SessionRegistry {
         for s in &self.shards {
             if let Ok(mut g) = s.lock() {
                 for e in g.values_mut() {
-                    e.queued = None;
+                    e.queue = None;
                 }
             }
         }
@@ -269,8 +390,8 @@ impl SessionRegistry {
 mod tests {
     use super::*;
 
-    fn handle(id: u64, res: &str) -> (SessionHandle, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(4);
+    fn handle(id: u64, res: &str) -> (SessionHandle, OutboundRx) {
+        let (tx, rx) = outbound_channel(4, 1 << 20);
         (SessionHandle::new(id, res, tx), rx)
     }
 
@@ -291,5 +412,28 @@ mod tests {
         assert!(!r.unbind("1555", 3, 0));
         assert!(r.unbind("1555", 4, 0));
         assert!(r.peek("1555", |_| ()).is_none());
+    }
+
+    #[test]
+    fn outbound_channel_counts_bytes() {
+        let (tx, mut rx) = outbound_channel(16, 10);
+        tx.try_send(Outbound::Stanza("123456".into())).unwrap();
+        assert!(matches!(tx.try_send(Outbound::Stanza("12345".into())), Err(TrySendError::Full(_))));
+        tx.try_send(Outbound::Stanza("1234".into())).unwrap();
+        assert_eq!(rx.queued_bytes(), 10);
+        assert!(rx.try_recv().is_some());
+        assert_eq!(rx.queued_bytes(), 4);
+        tx.try_send(Outbound::Stanza("12345".into())).unwrap();
+        tx.try_send(Outbound::Close(CloseReason::Shutdown)).unwrap();
+    }
+
+    #[test]
+    fn token_bucket_refills_at_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::full(3.0);
+        assert!((0..3).all(|_| b.take(10.0, 3.0, t0)));
+        assert!(!b.take(10.0, 3.0, t0));
+        assert!(b.take(10.0, 3.0, t0 + std::time::Duration::from_millis(110)));
+        assert!(!b.take(10.0, 3.0, t0 + std::time::Duration::from_millis(110)));
     }
 }

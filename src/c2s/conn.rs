@@ -26,7 +26,7 @@ use crate::modules;
 use crate::protocol::stanza::{stream_error, stream_header};
 use crate::protocol::{Element, Frame, Framer, Jid, ns};
 use crate::server::Server;
-use crate::session::{CloseReason, Outbound, SessionHandle};
+use crate::session::{CloseReason, Outbound, OutboundRx, SessionHandle, outbound_channel};
 use crate::storage::wait_durable;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -99,7 +99,7 @@ struct Conn {
     /// Pre-bind output.
     out: String,
     session: Option<Session>,
-    rx: Option<mpsc::Receiver<Outbound>>,
+    rx: Option<OutboundRx>,
     stream_open: bool,
     closing: Option<(&'static str, Option<String>)>,
     /// Peer closed its stream: reply and stop.
@@ -252,7 +252,7 @@ impl Conn {
                             // Drain what is already queued into one write.
                             for _ in 0..256 {
                                 let Some(rx) = self.rx.as_mut() else { break };
-                                match rx.try_recv() { Ok(o) => self.outbound(o), Err(_) => break }
+                                match rx.try_recv() { Some(o) => self.outbound(o), None => break }
                             }
                             self.after_outbound();
                         }
@@ -304,10 +304,20 @@ impl Conn {
         }
     }
 
+    /// Writes the next batch of the offline backlog. Stored messages that
+    /// arrive live meanwhile only extend the backlog (see
+    /// [`Session::outbound`]), so each is written after every stored
+    /// message before it. With XEP-0198 the backlog waits while half of
+    /// `delivery.max_unacked_bytes` is unacknowledged: a client that acks
+    /// as it reads drains any backlog; one that does not holds bounded
+    /// memory.
     fn pump_backlog(&mut self) {
         let Some(s) = self.session.as_mut() else { return };
         let Some((after, upto)) = s.backlog else { return };
         if s.out.len() > 256 * 1024 {
+            return;
+        }
+        if s.sm.as_ref().is_some_and(|m| m.unacked_bytes >= s.srv.cfg.delivery.max_unacked_bytes / 2) {
             return;
         }
         let batch = s.srv.router.pending(&s.local, after, upto, 200);
@@ -645,7 +655,8 @@ impl Conn {
                 return;
             }
         };
-        let (tx, rx) = mpsc::channel(self.srv.cfg.limits.session_queue.max(16));
+        let (tx, rx) =
+            outbound_channel(self.srv.cfg.limits.session_queue.max(16), self.srv.cfg.delivery.max_outbound_bytes);
         let sid = self.srv.next_id();
         let handle = SessionHandle::new(sid, resource.clone(), tx);
         for old in self.srv.registry.bind(&local, handle, self.srv.cfg.limits.max_resources) {
@@ -757,7 +768,11 @@ impl Conn {
 /// Holds a session whose connection dropped, for the resumption window.
 /// Stanzas routed to it meanwhile join its unacknowledged queue and are
 /// re-sent on resumption; stored messages among them stay in the store.
-async fn park(mut s: Session, mut rx: mpsc::Receiver<Outbound>, timeout: Duration, limit: usize) {
+///
+/// Memory stays bounded: the unacknowledged queue is limited in bytes
+/// (`delivery.max_unacked_bytes`, enforced by `Session::send_xml`) and in
+/// stanzas (`limits.session_queue`); past either the session ends.
+async fn park(mut s: Session, mut rx: OutboundRx, timeout: Duration, limit: usize) {
     let Some(mut takeover) = s.takeover.take() else {
         s.end();
         return;
@@ -816,7 +831,7 @@ async fn recv_takeover(rx: Option<&mut mpsc::Receiver<Takeover>>) -> Option<Take
     }
 }
 
-async fn recv_opt(rx: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
+async fn recv_opt(rx: &mut Option<OutboundRx>) -> Option<Outbound> {
     match rx {
         Some(r) => r.recv().await,
         None => std::future::pending().await,

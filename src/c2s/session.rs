@@ -15,7 +15,7 @@ use crate::modules;
 use crate::protocol::stanza::{StanzaError, error_reply};
 use crate::protocol::{Element, Jid, ns};
 use crate::server::Server;
-use crate::session::{CloseReason, Outbound};
+use crate::session::{CloseReason, Outbound, OutboundRx};
 use crate::storage::Ticket;
 
 /// XEP-0198 state of one stream.
@@ -30,13 +30,15 @@ pub struct SmState {
     /// Sent and not yet acknowledged, oldest first: the offline sequence
     /// number (for stored messages) and the bytes.
     pub unacked: VecDeque<(Option<u64>, Arc<str>)>,
+    /// Bytes held in `unacked`; bounded by `delivery.max_unacked_bytes`.
+    pub unacked_bytes: usize,
     /// An `<r/>` is outstanding.
     pub requested: bool,
 }
 
 /// A parked or live session handed to a resuming connection: the
 /// session state and its inbound channel.
-pub type Handover = (Session, mpsc::Receiver<Outbound>);
+pub type Handover = (Session, OutboundRx);
 
 /// A request to hand a session over; the holder replies on the sender.
 pub type Takeover = oneshot::Sender<Handover>;
@@ -73,7 +75,9 @@ pub struct Session {
     pub max_ticket: Ticket,
     /// Sent initial presence.
     pub available: bool,
-    /// Offline queue still to be read: `(after, upto]`.
+    /// Offline queue still to be read: `(after, upto]`. While it is
+    /// set, stored messages arriving live only raise `upto`: they are in
+    /// the store, and are written after every stored message before them.
     pub backlog: Option<(u64, u64)>,
     pub closing: Option<Closing>,
     pub last_rx: Instant,
@@ -147,7 +151,12 @@ impl Session {
         match self.sm.as_mut() {
             Some(sm) => {
                 sm.outbound = sm.outbound.wrapping_add(1);
+                sm.unacked_bytes += xml.len();
                 sm.unacked.push_back((seq, xml));
+                if sm.unacked_bytes > self.srv.cfg.delivery.max_unacked_bytes {
+                    let n = sm.unacked_bytes;
+                    self.close("policy-violation", Some(format!("{n} bytes sent and not acknowledged")));
+                }
             }
             None => {
                 if let Some(s) = seq {
@@ -183,7 +192,12 @@ impl Session {
                     self.send_xml(xml, None);
                 }
             }
-            Outbound::Stored { seq, xml } => self.send_xml(xml, Some(seq)),
+            Outbound::Stored { seq, xml } => match self.backlog.as_mut() {
+                // Order (delivery rule 6): the backlog before it is still
+                // being read, so it is read from the store after them.
+                Some((_, upto)) => *upto = (*upto).max(seq),
+                None => self.send_xml(xml, Some(seq)),
+            },
             Outbound::Close(reason) => {
                 let (cond, text) = match reason {
                     CloseReason::Replaced => {
@@ -219,8 +233,14 @@ impl Session {
         }
     }
 
-    /// Handles one stanza from the client.
-    pub fn handle_stanza(&mut self, mut el: Element) {
+    /// Handles one stanza from the client. Every store write it causes
+    /// is covered by the next `<a h/>` (see [`crate::storage::track_tickets`]).
+    pub fn handle_stanza(&mut self, el: Element) {
+        let ((), t) = crate::storage::track_tickets(|| self.dispatch(el));
+        self.max_ticket = self.max_ticket.max(t);
+    }
+
+    fn dispatch(&mut self, mut el: Element) {
         if el.ns == ns::SM {
             modules::sm::handle_nonza(self, &el);
             return;

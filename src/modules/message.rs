@@ -32,6 +32,14 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
         s.reply_error(&m, StanzaError::BadRequest);
         return;
     }
+    // Per-account rate limit, before anything is stored or fanned out
+    // (a group message counts once).
+    if !s.srv.router.admit_message(&s.local) {
+        if typ != "error" {
+            s.reply_error(&m, StanzaError::PolicyViolation);
+        }
+        return;
+    }
     let Some(to) = to else {
         // A message to the server itself: nothing consumes it.
         s.reply_error(&m, StanzaError::ServiceUnavailable);

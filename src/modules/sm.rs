@@ -74,7 +74,9 @@ fn ack_received(s: &mut Session, h: u32) {
     }
     let mut seqs = Vec::new();
     for _ in 0..delta {
-        if let Some((Some(seq), _)) = sm.unacked.pop_front() {
+        let Some((seq, xml)) = sm.unacked.pop_front() else { break };
+        sm.unacked_bytes = sm.unacked_bytes.saturating_sub(xml.len());
+        if let Some(seq) = seq {
             seqs.push(seq);
         }
     }
@@ -139,6 +141,7 @@ pub fn resume(s: &mut Session, h: u32) -> Option<Vec<(Option<u64>, Arc<str>)>> {
     ack_received(s, h);
     let sm = s.sm.as_mut()?;
     let resend: Vec<_> = sm.unacked.drain(..).collect();
+    sm.unacked_bytes = 0;
     sm.outbound = sm.acked;
     sm.requested = false;
     s.ack_requests.clear();

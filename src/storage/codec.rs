@@ -39,6 +39,29 @@ pub fn seq_of(key: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(tail))
 }
 
+/// `"seq" \0 local`: the key of an account's sequence mark.
+pub fn seq_mark_key(local: &str) -> Vec<u8> {
+    let mut k = b"seq\0".to_vec();
+    k.extend_from_slice(local.as_bytes());
+    k
+}
+
+/// The bare JID in the root `from` attribute of a serialised stanza, as
+/// written (escaped); empty if there is none. The root start tag ends at
+/// the first `>` because attribute values are escaped.
+pub fn sender_of(xml: &str) -> &str {
+    let tag = &xml[..xml.find('>').unwrap_or(xml.len())];
+    for pat in [" from=\"", " from='"] {
+        if let Some(i) = tag.find(pat) {
+            let rest = &tag[i + pat.len()..];
+            let q = if pat.ends_with('"') { '"' } else { '\'' };
+            let v = &rest[..rest.find(q).unwrap_or(rest.len())];
+            return v.split('/').next().unwrap_or(v);
+        }
+    }
+    ""
+}
+
 /// `ts_be(8) xml`.
 pub fn encode_message(m: &StoredMessage) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + m.xml.len());
@@ -74,6 +97,13 @@ mod tests {
         assert!(offline_key("1555", 255) < offline_key("1555", 256));
         assert!(offline_key("1555", u64::MAX) < owner_prefix("15550"));
         assert_eq!(seq_of(&offline_key("x", 42)).unwrap(), 42);
+    }
+
+    #[test]
+    fn sender_of_root() {
+        assert_eq!(sender_of("<message from=\"1@x/r\" to=\"2@x\"><body>from='z'</body></message>"), "1@x");
+        assert_eq!(sender_of("<message to='2@x' from='g@groups.x/3'/>"), "g@groups.x");
+        assert_eq!(sender_of("<message to='2@x'><x from='a'/></message>"), "");
     }
 
     #[test]

@@ -24,10 +24,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
 
-use super::codec::{self, decode_message, encode_message, offline_key, owner_prefix, roster_key};
+use super::codec::{self, decode_message, encode_message, offline_key, owner_prefix, roster_key, seq_mark_key};
 use super::{
-    Durability, Group, GroupStore, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError,
-    StoredMessage, Ticket, UserRecord, UserStore,
+    Durability, Group, GroupStore, OfflineStore, QueueUsage, QueuedMeta, Result, RosterItem, RosterStore,
+    SettingsStore, StoreError, StoredMessage, Ticket, UserRecord, UserStore,
 };
 
 fn eng(e: fjall::Error) -> StoreError {
@@ -63,9 +63,14 @@ pub struct FjallStore {
     /// journal order.
     order: Mutex<()>,
     syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The store-wide mark of a data directory written before sequence
+    /// numbers were per account: every account's numbers continue above
+    /// it, so none collides with a message stored back then.
+    legacy_seq: u64,
 }
 
-const SEQ_HWM: &[u8] = b"offline_seq_hwm";
+/// Store-wide sequence mark of older data directories (read, never written).
+const LEGACY_SEQ_HWM: &[u8] = b"offline_seq_hwm";
 
 impl FjallStore {
     /// Opens (or creates) the database in `dir` and starts the syncer.
@@ -96,6 +101,10 @@ impl FjallStore {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
+        let legacy_seq = match meta.get(LEGACY_SEQ_HWM).map_err(eng)? {
+            Some(v) => codec::seq_of(&v)?,
+            None => 0,
+        };
         let (tx, committed) = watch::channel(0);
         let handle = {
             let db = db.clone();
@@ -119,6 +128,7 @@ impl FjallStore {
             committed,
             order: Mutex::new(()),
             syncer: Mutex::new(Some(handle)),
+            legacy_seq,
         })
     }
 
@@ -130,6 +140,7 @@ impl FjallStore {
         b.commit().map_err(eng)?;
         let t = self.sync.issued.fetch_add(1, Ordering::AcqRel) + 1;
         drop(_g);
+        super::note_ticket(t);
         if self.sync.idle.swap(false, Ordering::AcqRel) {
             // Take the lock so the wake cannot fall between the syncer's
             // check and its wait.
@@ -275,33 +286,48 @@ impl UserStore for FjallStore {
 
 impl OfflineStore for FjallStore {
     fn push(&self, items: &[(&str, u64, &StoredMessage)]) -> Result<Ticket> {
-        let hwm = items.iter().map(|(_, s, _)| *s).max().unwrap_or(0);
+        // Each account's mark goes in the same batch as its messages. The
+        // caller holds the account's delivery lock, so one account's
+        // batches commit in its sequence order and its mark only rises.
+        let mut marks: Vec<(&str, u64)> = Vec::new();
+        for (local, seq, _) in items {
+            match marks.iter_mut().find(|(l, _)| l == local) {
+                Some(m) => m.1 = m.1.max(*seq),
+                None => marks.push((local, *seq)),
+            }
+        }
         self.write(|b| {
             for (local, seq, m) in items {
                 b.insert(&self.offline, offline_key(local, *seq), encode_message(m));
             }
-            b.insert(&self.meta, SEQ_HWM, hwm.to_be_bytes());
+            for (local, seq) in marks {
+                b.insert(&self.meta, seq_mark_key(local), seq.to_be_bytes());
+            }
         })
     }
 
-    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, usize)> {
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, Vec<QueuedMeta>)> {
         let mut keys = Vec::with_capacity(seqs.len());
+        let mut gone = Vec::with_capacity(seqs.len());
         for s in seqs {
             let k = offline_key(local, *s);
-            if self.offline.contains_key(&k).map_err(eng)? {
+            if let Some(v) = self.offline.get(&k).map_err(eng)? {
+                gone.push(match decode_message(&v) {
+                    Ok(m) => QueuedMeta::of(&m),
+                    Err(_) => QueuedMeta { sender: String::new(), bytes: v.len() },
+                });
                 keys.push(k);
             }
         }
         if keys.is_empty() {
-            return Ok((self.sync.issued.load(Ordering::Acquire), 0));
+            return Ok((self.sync.issued.load(Ordering::Acquire), gone));
         }
-        let n = keys.len();
         let t = self.write(|b| {
             for k in keys {
                 b.remove(&self.offline, k);
             }
         })?;
-        Ok((t, n))
+        Ok((t, gone))
     }
 
     fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>> {
@@ -328,6 +354,16 @@ impl OfflineStore for FjallStore {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn usage(&self, local: &str) -> Result<QueueUsage> {
+        let mut u = QueueUsage::default();
+        for g in self.offline.prefix(owner_prefix(local)) {
+            let v = g.value().map_err(eng)?;
+            let m = QueuedMeta::of(&decode_message(&v)?);
+            u.add(&m.sender, m.bytes);
+        }
+        Ok(u)
     }
 
     fn clear(&self, local: &str) -> Result<Ticket> {
@@ -358,11 +394,18 @@ impl OfflineStore for FjallStore {
         Ok(n)
     }
 
-    fn max_seq(&self) -> Result<u64> {
-        Ok(match self.meta.get(SEQ_HWM).map_err(eng)? {
+    fn last_seq(&self, local: &str) -> Result<u64> {
+        let mark = match self.meta.get(seq_mark_key(local)).map_err(eng)? {
             Some(v) => codec::seq_of(&v)?,
             None => 0,
-        })
+        };
+        // The queue's last key as well, for data written before marks
+        // existed.
+        let last = match self.offline.prefix(owner_prefix(local)).next_back() {
+            Some(g) => codec::seq_of(&g.key().map_err(eng)?)?,
+            None => 0,
+        };
+        Ok(mark.max(last).max(self.legacy_seq))
     }
 }
 
@@ -482,7 +525,7 @@ mod tests {
             let t = s.offline.push(&[("100", 1, &a), ("100", 2, &b), ("200", 3, &c)]).unwrap();
             let mut rx = s.durability.committed();
             crate::storage::wait_durable(&mut rx, t).await.unwrap();
-            assert_eq!(s.offline.remove("100", &[1, 99]).unwrap().1, 1);
+            assert_eq!(s.offline.remove("100", &[1, 99]).unwrap().1.len(), 1);
             assert!(matches!(Stores::open_fjall(&dir), Err(StoreError::Locked)));
             s.durability.shutdown();
         }
@@ -490,7 +533,8 @@ mod tests {
         let q = s.offline.list("100", 0, u64::MAX, 10).unwrap();
         assert_eq!(q.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2]);
         assert_eq!(s.offline.count("200").unwrap(), 1);
-        assert_eq!(s.offline.max_seq().unwrap(), 3);
+        assert_eq!(s.offline.last_seq("100").unwrap(), 2);
+        assert_eq!(s.offline.last_seq("200").unwrap(), 3);
         assert_eq!(s.offline.expire(3).unwrap(), 1);
         assert_eq!(s.offline.count("100").unwrap(), 0);
         drop(s);

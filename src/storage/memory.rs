@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::watch;
 
 use super::{
-    Durability, Group, GroupStore, OfflineStore, Result, RosterItem, RosterStore, SettingsStore, StoreError,
-    StoredMessage, Ticket, UserRecord, UserStore,
+    Durability, Group, GroupStore, OfflineStore, QueueUsage, QueuedMeta, Result, RosterItem, RosterStore,
+    SettingsStore, StoreError, StoredMessage, Ticket, UserRecord, UserStore,
 };
 
 pub struct MemoryStore {
     users: Mutex<BTreeMap<String, UserRecord>>,
     offline: Mutex<BTreeMap<(String, u64), StoredMessage>>,
+    seq_marks: Mutex<HashMap<String, u64>>,
     roster: Mutex<HashMap<String, BTreeMap<String, RosterItem>>>,
     settings: Mutex<HashMap<(String, String), Vec<u8>>>,
     groups: Mutex<BTreeMap<String, Group>>,
@@ -28,6 +29,7 @@ impl Default for MemoryStore {
         MemoryStore {
             users: Mutex::default(),
             offline: Mutex::default(),
+            seq_marks: Mutex::default(),
             roster: Mutex::default(),
             settings: Mutex::default(),
             groups: Mutex::default(),
@@ -45,6 +47,7 @@ impl MemoryStore {
     fn ticket(&self) -> Ticket {
         let t = self.issued.fetch_add(1, Ordering::AcqRel) + 1;
         self.tx.send_modify(|c| *c = (*c).max(t));
+        super::note_ticket(t);
         t
     }
 }
@@ -83,15 +86,18 @@ impl UserStore for MemoryStore {
 impl OfflineStore for MemoryStore {
     fn push(&self, items: &[(&str, u64, &StoredMessage)]) -> Result<Ticket> {
         let mut q = self.offline.lock().map_err(poisoned)?;
+        let mut marks = self.seq_marks.lock().map_err(poisoned)?;
         for (l, s, m) in items {
             q.insert((l.to_string(), *s), (*m).clone());
+            let mark = marks.entry(l.to_string()).or_default();
+            *mark = (*mark).max(*s);
         }
         Ok(self.ticket())
     }
-    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, usize)> {
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, Vec<QueuedMeta>)> {
         let mut q = self.offline.lock().map_err(poisoned)?;
-        let n = seqs.iter().filter(|s| q.remove(&(local.to_string(), **s)).is_some()).count();
-        Ok((self.ticket(), n))
+        let gone = seqs.iter().filter_map(|s| q.remove(&(local.to_string(), *s))).map(|m| QueuedMeta::of(&m)).collect();
+        Ok((self.ticket(), gone))
     }
     fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>> {
         if after >= upto {
@@ -107,6 +113,14 @@ impl OfflineStore for MemoryStore {
         let q = self.offline.lock().map_err(poisoned)?;
         Ok(q.range((local.to_string(), 0)..=(local.to_string(), u64::MAX)).count())
     }
+    fn usage(&self, local: &str) -> Result<QueueUsage> {
+        let q = self.offline.lock().map_err(poisoned)?;
+        let mut u = QueueUsage::default();
+        for m in q.range((local.to_string(), 0)..=(local.to_string(), u64::MAX)).map(|(_, m)| QueuedMeta::of(m)) {
+            u.add(&m.sender, m.bytes);
+        }
+        Ok(u)
+    }
     fn clear(&self, local: &str) -> Result<Ticket> {
         self.offline.lock().map_err(poisoned)?.retain(|(l, _), _| l != local);
         Ok(self.ticket())
@@ -117,8 +131,8 @@ impl OfflineStore for MemoryStore {
         q.retain(|_, m| m.ts_ms >= cutoff_ms);
         Ok(before - q.len())
     }
-    fn max_seq(&self) -> Result<u64> {
-        Ok(self.offline.lock().map_err(poisoned)?.keys().map(|(_, s)| *s).max().unwrap_or(0))
+    fn last_seq(&self, local: &str) -> Result<u64> {
+        Ok(self.seq_marks.lock().map_err(poisoned)?.get(local).copied().unwrap_or(0))
     }
 }
 

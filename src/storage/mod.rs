@@ -30,6 +30,37 @@ use tokio::sync::watch;
 /// Position of a write in the store's commit order.
 pub type Ticket = u64;
 
+thread_local! {
+    /// Highest ticket issued on this thread since [`track_tickets`] began.
+    static TRACKED: std::cell::Cell<Option<Ticket>> = const { std::cell::Cell::new(None) };
+}
+
+/// Called by engines for every ticket they issue, on the writing thread.
+pub fn note_ticket(t: Ticket) {
+    TRACKED.with(|c| {
+        if let Some(prev) = c.get() {
+            c.set(Some(prev.max(t)));
+        }
+    });
+}
+
+/// Runs `f` and returns, with its result, the highest ticket of any store
+/// write it made on this thread (0 if none).
+///
+/// A session wraps the handling of every client stanza in this, so the
+/// XEP-0198 `<a h/>` covering a stanza waits for every write that stanza
+/// caused — roster, privacy, profile, group or queue — without each
+/// feature having to remember to hand its ticket over. Stanza handling is
+/// synchronous, so every such write happens on the calling thread.
+pub fn track_tickets<R>(f: impl FnOnce() -> R) -> (R, Ticket) {
+    let outer = TRACKED.with(|c| c.replace(Some(0)));
+    let r = f();
+    let mine = TRACKED.with(|c| c.replace(outer)).unwrap_or(0);
+    // A nested scope's writes also belong to the enclosing one.
+    note_ticket(mine);
+    (r, mine)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage engine: {0}")]
@@ -160,26 +191,87 @@ pub trait UserStore: Send + Sync {
     fn list_users(&self) -> Result<Vec<String>>;
 }
 
+/// Size and sender of one queued message, known without its body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueuedMeta {
+    /// Bare JID in the stored stanza's `from` (a group for group traffic).
+    pub sender: String,
+    /// Length of the stored stanza in bytes.
+    pub bytes: usize,
+}
+
+impl QueuedMeta {
+    pub fn of(m: &StoredMessage) -> QueuedMeta {
+        QueuedMeta { sender: codec::sender_of(&m.xml).to_string(), bytes: m.xml.len() }
+    }
+}
+
+/// What one account's queue holds: messages and bytes, in total and per
+/// sender. The router keeps it per account (loaded once from
+/// [`OfflineStore::usage`], then updated with every push and delete) to
+/// enforce the queue limits and each sender's share of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueUsage {
+    pub count: usize,
+    pub bytes: usize,
+    /// Sender bare JID → (messages, bytes).
+    pub by_sender: std::collections::HashMap<String, (usize, usize)>,
+}
+
+impl QueueUsage {
+    pub fn add(&mut self, sender: &str, bytes: usize) {
+        self.count += 1;
+        self.bytes += bytes;
+        let e = self.by_sender.entry(sender.to_string()).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+    }
+
+    pub fn sub(&mut self, m: &QueuedMeta) {
+        self.count = self.count.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(m.bytes);
+        if let Some(e) = self.by_sender.get_mut(&m.sender) {
+            e.0 = e.0.saturating_sub(1);
+            e.1 = e.1.saturating_sub(m.bytes);
+            if e.0 == 0 {
+                self.by_sender.remove(&m.sender);
+            }
+        }
+    }
+
+    /// Messages and bytes `sender` holds in this queue.
+    pub fn of_sender(&self, sender: &str) -> (usize, usize) {
+        self.by_sender.get(sender).copied().unwrap_or_default()
+    }
+}
+
 /// Per-recipient queues of messages not yet acknowledged by any device.
 ///
-/// Sequence numbers are assigned by the caller and are strictly
-/// increasing across the whole store, so a queue read in key order is in
-/// arrival order.
+/// Sequence numbers are per account: the caller assigns them under the
+/// account's delivery lock, strictly increasing, so one queue read in key
+/// order is in arrival order. The store keeps a durable per-account mark
+/// of the highest number ever pushed ([`OfflineStore::last_seq`]), written
+/// in the same batch as the messages, so a number is never reused, even
+/// after the queue was emptied or the process was killed.
 pub trait OfflineStore: Send + Sync {
-    /// Appends messages (possibly to several recipients) in one write.
+    /// Appends messages (possibly to several recipients) in one write and
+    /// raises each recipient's sequence mark to its highest number in it.
     fn push(&self, items: &[(&str, u64, &StoredMessage)]) -> Result<Ticket>;
-    /// Deletes the given sequence numbers of one recipient; returns how
-    /// many existed.
-    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, usize)>;
+    /// Deletes the given sequence numbers of one recipient; returns what
+    /// the deleted messages were (those that existed).
+    fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, Vec<QueuedMeta>)>;
     /// Messages of `local` with `seq <= upto`, in order, at most `limit`.
     fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>>;
     fn count(&self, local: &str) -> Result<usize>;
-    /// Deletes the whole queue of `local`.
+    /// Messages and bytes queued for `local`, per sender. Reads the whole
+    /// queue (bounded by the queue limits); callers cache it.
+    fn usage(&self, local: &str) -> Result<QueueUsage>;
+    /// Deletes the whole queue of `local` (its sequence mark stays).
     fn clear(&self, local: &str) -> Result<Ticket>;
     /// Deletes messages accepted before `cutoff_ms`; returns how many.
     fn expire(&self, cutoff_ms: u64) -> Result<usize>;
-    /// Highest sequence number ever stored (0 if none).
-    fn max_seq(&self) -> Result<u64>;
+    /// Highest sequence number ever pushed for `local` (0 if none).
+    fn last_seq(&self, local: &str) -> Result<u64>;
 }
 
 /// Rosters (RFC 6121), keyed by owner localpart and contact bare JID.
