@@ -70,8 +70,9 @@ pub trait Router: Send + Sync {
     fn attach(&self, local: &str, session_id: u64) -> u64;
 
     /// Stored messages of `local` in `(after, upto]`, oldest first, with
-    /// a XEP-0203 delay stamp added.
-    fn pending(&self, local: &str, after: u64, upto: u64, limit: usize) -> Vec<(u64, Arc<str>)>;
+    /// a XEP-0203 delay stamp added: at most `limit`, and no more once
+    /// `max_bytes` are read (at least one).
+    fn pending(&self, local: &str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Vec<(u64, Arc<str>)>;
 
     /// Whether the account exists.
     fn account_exists(&self, local: &str) -> bool;
@@ -303,8 +304,8 @@ impl Router for LocalRouter {
         })
     }
 
-    fn pending(&self, local: &str, after: u64, upto: u64, limit: usize) -> Vec<(u64, Arc<str>)> {
-        match self.offline.list(local, after, upto, limit) {
+    fn pending(&self, local: &str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Vec<(u64, Arc<str>)> {
+        match self.offline.list(local, after, upto, limit, max_bytes) {
             Ok(v) => v.into_iter().map(|(seq, m)| (seq, with_delay(&m.xml, &self.domain, m.ts_ms).into())).collect(),
             Err(err) => {
                 tracing::error!(account = local, error = %err, "reading offline queue failed");
@@ -408,7 +409,7 @@ mod tests {
         reg.bind("15550000001", SessionHandle::new(9, "r", tx), 5);
         let upto = r.attach("15550000001", 9);
         r.message(&to, msg("live"), MessageClass::Durable).unwrap();
-        let stored = r.pending("15550000001", 0, upto, 100);
+        let stored = r.pending("15550000001", 0, upto, 100, usize::MAX);
         assert_eq!(stored.len(), 3);
         assert!(stored[0].1.contains("<body>0</body>") && stored[0].1.contains("urn:xmpp:delay"));
         assert!(stored[2].1.contains("<body>2</body>"));
@@ -457,14 +458,88 @@ mod tests {
         r.message(&to, msg("a"), MessageClass::Durable).unwrap();
         r.message(&other, msg("b"), MessageClass::Durable).unwrap();
         r.message(&to, msg("c"), MessageClass::Durable).unwrap();
-        let seqs: Vec<u64> = r.pending("15550000001", 0, u64::MAX, 10).iter().map(|(s, _)| *s).collect();
+        let seqs: Vec<u64> = r.pending("15550000001", 0, u64::MAX, 10, usize::MAX).iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![1, 2]);
-        assert_eq!(r.pending("15550000009", 0, u64::MAX, 10)[0].0, 1);
+        assert_eq!(r.pending("15550000009", 0, u64::MAX, 10, usize::MAX)[0].0, 1);
         r.confirm("15550000001", &seqs);
         // Forget the cached mark, as after the entry was dropped.
         reg.with("15550000001", |e| e.last_seq = None);
         r.message(&to, msg("d"), MessageClass::Durable).unwrap();
-        assert_eq!(r.pending("15550000001", 0, u64::MAX, 10)[0].0, 3);
+        assert_eq!(r.pending("15550000001", 0, u64::MAX, 10, usize::MAX)[0].0, 3);
+    }
+
+    /// Concurrent batches for many accounts, a restart, then more
+    /// messages: no sequence number is reused, so nothing stored is
+    /// overwritten and every queue stays in arrival order.
+    #[test]
+    fn no_sequence_number_is_reused_after_restart() {
+        const ACCOUNTS: usize = 16;
+        const PER_THREAD: usize = 300;
+        let dir = std::env::temp_dir().join(format!("chatd-seq-reuse-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let locals: Vec<String> = (0..ACCOUNTS).map(|i| format!("1555000{i:04}")).collect();
+        let open = || {
+            let stores = Stores::open_fjall(&dir).unwrap();
+            let reg = Arc::new(SessionRegistry::default());
+            let r = LocalRouter::new("localhost", reg, stores.offline.clone(), stores.users.clone(), limits(1 << 20));
+            (Arc::new(r), stores)
+        };
+        {
+            let (r, stores) = open();
+            for l in &locals {
+                stores.users.put_user(l, &crate::accounts::make_record("pw", 4096, 0)).unwrap();
+            }
+            std::thread::scope(|sc| {
+                for t in 0..4 {
+                    let (r, locals) = (r.clone(), &locals);
+                    sc.spawn(move || {
+                        for i in 0..PER_THREAD {
+                            // Single messages and group-style batches.
+                            let a = &locals[(i * 7 + t * 3) % ACCOUNTS];
+                            let body = format!("t{t}-{i}");
+                            if i % 3 == 0 {
+                                let many: Vec<String> = locals.iter().skip(t).step_by(4).cloned().collect();
+                                let build = |l: &str, seq: u64| {
+                                    format!("<message from='g@groups.localhost' to='{l}@localhost' id='{seq}'><body>{body}</body></message>")
+                                };
+                                r.fanout(&many, &build).unwrap();
+                            } else {
+                                let to = Jid::parse(&format!("{a}@localhost")).unwrap();
+                                r.message(&to, msg(&body), MessageClass::Durable).unwrap();
+                            }
+                        }
+                    });
+                }
+            });
+            stores.durability.shutdown();
+        }
+        let (r, stores) = open();
+        let before: Vec<Vec<u64>> = locals
+            .iter()
+            .map(|l| {
+                stores
+                    .offline
+                    .list(l, 0, u64::MAX, usize::MAX, usize::MAX)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect()
+            })
+            .collect();
+        for l in &locals {
+            let to = Jid::parse(&format!("{l}@localhost")).unwrap();
+            r.message(&to, msg("after restart"), MessageClass::Durable).unwrap();
+        }
+        for (l, old) in locals.iter().zip(before) {
+            let q = stores.offline.list(l, 0, u64::MAX, usize::MAX, usize::MAX).unwrap();
+            assert_eq!(q.len(), old.len() + 1, "{l}: a stored message was overwritten");
+            assert!(q.windows(2).all(|w| w[0].0 < w[1].0));
+            assert!(q.last().unwrap().1.xml.contains("after restart"), "{l}: new message sorts before old ones");
+        }
+        drop(r);
+        stores.durability.shutdown();
+        drop(stores);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

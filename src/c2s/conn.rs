@@ -251,6 +251,9 @@ impl Conn {
                             self.outbound(o);
                             // Drain what is already queued into one write.
                             for _ in 0..256 {
+                                if self.session.as_ref().is_some_and(|s| s.closing.is_some()) {
+                                    break;
+                                }
                                 let Some(rx) = self.rx.as_mut() else { break };
                                 match rx.try_recv() { Some(o) => self.outbound(o), None => break }
                             }
@@ -314,22 +317,20 @@ impl Conn {
     fn pump_backlog(&mut self) {
         let Some(s) = self.session.as_mut() else { return };
         let Some((after, upto)) = s.backlog else { return };
-        if s.out.len() > 256 * 1024 {
+        const OUT_BUDGET: usize = 256 * 1024;
+        if s.out.len() > OUT_BUDGET {
             return;
         }
-        if s.sm.as_ref().is_some_and(|m| m.unacked_bytes >= s.srv.cfg.delivery.max_unacked_bytes / 2) {
+        let unacked_max = s.srv.cfg.delivery.max_unacked_bytes;
+        if s.sm.as_ref().is_some_and(|m| m.unacked_bytes >= unacked_max / 2) {
             return;
         }
-        let batch = s.srv.router.pending(&s.local, after, upto, 200);
-        if batch.len() < 200 {
-            s.backlog = None;
-        }
-        if let Some((last, _)) = batch.last() {
-            if s.backlog.is_some() {
-                s.backlog = Some((*last, upto));
-            }
-        } else {
-            s.backlog = None;
+        // At most a quarter of the unacked budget per batch (plus one
+        // stanza): waiting at half of it, a batch cannot overrun it.
+        let batch = s.srv.router.pending(&s.local, after, upto, 200, OUT_BUDGET.min(unacked_max / 4));
+        match batch.last() {
+            Some((last, _)) => s.backlog = Some((*last, upto)),
+            None => s.backlog = None,
         }
         for (seq, xml) in batch {
             s.send_xml(xml, Some(seq));

@@ -275,3 +275,44 @@ impl Session {
         self.close("unsupported-stanza-type", Some(format!("<{}/> in {}", el.local_name(), el.ns)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::element::{Scope, parse_element};
+    use crate::storage::Stores;
+
+    fn stanza(x: &str) -> Element {
+        parse_element(x.as_bytes(), &Scope::client_stream()).unwrap()
+    }
+
+    /// `<a h/>` waits for every write the stanzas it counts caused: a
+    /// roster set, a block and a profile publish each raise the ticket the
+    /// next `<r/>` is answered after, to the store's latest write.
+    #[test]
+    fn every_write_of_a_stanza_is_covered_by_its_ack() {
+        let dir = std::env::temp_dir().join(format!("chatd-ack-cover-{}", std::process::id()));
+        let mut cfg = crate::config::Config::default();
+        cfg.data_dir = dir.clone();
+        let stores = Stores::memory();
+        stores.users.put_user("15550000001", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
+        let srv = Server::new(cfg, stores.clone()).unwrap();
+        let mut s = Session::new(srv, 1, Jid::parse("15550000001@localhost/r").unwrap());
+        s.sm = Some(SmState::default());
+        let latest = || *stores.durability.committed().borrow();
+        for x in [
+            "<iq type='set' id='r1'><query xmlns='jabber:iq:roster'><item jid='15550000002@localhost' name='B'/></query></iq>",
+            "<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='15550000003@localhost'/></block></iq>",
+            "<iq type='set' id='p1'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='http://jabber.org/protocol/nick'><item id='current'><nick xmlns='http://jabber.org/protocol/nick'>Al</nick></item></publish></pubsub></iq>",
+        ] {
+            let before = latest();
+            s.handle_stanza(stanza(x));
+            assert!(latest() > before, "{x} wrote nothing");
+            assert_eq!(s.max_ticket, latest(), "{x}: its write is not covered by the next <a h/>");
+            crate::modules::sm::handle_nonza(&mut s, &stanza("<r xmlns='urn:xmpp:sm:3'/>"));
+            assert_eq!(s.ack_requests.last().map(|r| r.1), Some(latest()));
+        }
+        assert!(stores.roster.roster_item("15550000001", "15550000002@localhost").unwrap().is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

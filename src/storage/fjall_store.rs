@@ -330,17 +330,27 @@ impl OfflineStore for FjallStore {
         Ok((t, gone))
     }
 
-    fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>> {
+    fn list(
+        &self,
+        local: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>> {
         if after >= upto {
             return Ok(Vec::new());
         }
         let from = offline_key(local, after.saturating_add(1));
         let to = offline_key(local, upto);
         let mut out = Vec::new();
+        let mut bytes = 0;
         for g in self.offline.range(from..=to) {
             let (k, v) = g.into_inner().map_err(eng)?;
-            out.push((codec::seq_of(&k)?, decode_message(&v)?));
-            if out.len() >= limit {
+            let m = decode_message(&v)?;
+            bytes += m.xml.len();
+            out.push((codec::seq_of(&k)?, m));
+            if out.len() >= limit || bytes >= max_bytes {
                 break;
             }
         }
@@ -530,7 +540,7 @@ mod tests {
             s.durability.shutdown();
         }
         let s = Stores::open_fjall(&dir).unwrap();
-        let q = s.offline.list("100", 0, u64::MAX, 10).unwrap();
+        let q = s.offline.list("100", 0, u64::MAX, 10, usize::MAX).unwrap();
         assert_eq!(q.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2]);
         assert_eq!(s.offline.count("200").unwrap(), 1);
         assert_eq!(s.offline.last_seq("100").unwrap(), 2);

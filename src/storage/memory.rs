@@ -99,15 +99,28 @@ impl OfflineStore for MemoryStore {
         let gone = seqs.iter().filter_map(|s| q.remove(&(local.to_string(), *s))).map(|m| QueuedMeta::of(&m)).collect();
         Ok((self.ticket(), gone))
     }
-    fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>> {
+    fn list(
+        &self,
+        local: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>> {
         if after >= upto {
             return Ok(Vec::new());
         }
         let q = self.offline.lock().map_err(poisoned)?;
-        Ok(q.range((local.to_string(), after + 1)..=(local.to_string(), upto))
-            .take(limit)
-            .map(|((_, s), m)| (*s, m.clone()))
-            .collect())
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for ((_, s), m) in q.range((local.to_string(), after + 1)..=(local.to_string(), upto)) {
+            bytes += m.xml.len();
+            out.push((*s, m.clone()));
+            if out.len() >= limit || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
     }
     fn count(&self, local: &str) -> Result<usize> {
         let q = self.offline.lock().map_err(poisoned)?;

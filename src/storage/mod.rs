@@ -260,8 +260,17 @@ pub trait OfflineStore: Send + Sync {
     /// Deletes the given sequence numbers of one recipient; returns what
     /// the deleted messages were (those that existed).
     fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, Vec<QueuedMeta>)>;
-    /// Messages of `local` with `seq <= upto`, in order, at most `limit`.
-    fn list(&self, local: &str, after: u64, upto: u64, limit: usize) -> Result<Vec<(u64, StoredMessage)>>;
+    /// Messages of `local` with `after < seq <= upto`, in order: at most
+    /// `limit`, and no more once `max_bytes` of stanzas are read (the
+    /// first one always is).
+    fn list(
+        &self,
+        local: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, StoredMessage)>>;
     fn count(&self, local: &str) -> Result<usize>;
     /// Messages and bytes queued for `local`, per sender. Reads the whole
     /// queue (bounded by the queue limits); callers cache it.
