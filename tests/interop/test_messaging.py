@@ -184,7 +184,7 @@ async def test_unknown_recipient_service_unavailable(server):
 
 
 async def test_queue_limit_resource_constraint(make_server):
-    srv = make_server({"offline": {"max_queue": 3}})
+    srv = make_server({"offline": {"max_queue": 3, "sender_share_percent": 100}})
     a = await Client(srv, ALICE).login()
     for i in range(4):
         a.chat(BOB, f"q{i}", msg_id=f"q{i}")
@@ -311,7 +311,8 @@ async def test_invalid_recipient_jid(server):
 async def test_offline_messages_expire(make_server):
     """expiry_days=0: the reaper deletes every stored message on its next
     run, and the freed queue accepts messages again."""
-    srv = make_server({"offline": {"expiry_days": 0, "reap_interval_secs": 1, "max_queue": 2}})
+    srv = make_server({"offline": {"expiry_days": 0, "reap_interval_secs": 1, "max_queue": 2,
+                                       "sender_share_percent": 100}})
     a = await Client(srv, ALICE).login()
     a.chat(BOB, "e1")
     a.chat(BOB, "e2")
