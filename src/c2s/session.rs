@@ -292,8 +292,7 @@ mod tests {
     #[test]
     fn every_write_of_a_stanza_is_covered_by_its_ack() {
         let dir = std::env::temp_dir().join(format!("chatd-ack-cover-{}", std::process::id()));
-        let mut cfg = crate::config::Config::default();
-        cfg.data_dir = dir.clone();
+        let cfg = crate::config::Config { data_dir: dir.clone(), ..Default::default() };
         let stores = Stores::memory();
         stores.users.put_user("15550000001", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
         let srv = Server::new(cfg, stores.clone()).unwrap();
