@@ -44,9 +44,6 @@ pub enum MessageClass {
     LiveOnly,
 }
 
-/// Why a fan-out left a member out.
-pub type Refused = (String, StanzaError);
-
 /// Routing interface between features and the delivery machinery.
 pub trait Router: Send + Sync {
     /// Delivers a message (with `from` stamped) to the local account named
@@ -84,8 +81,9 @@ pub trait Router: Send + Sync {
     /// Delivers one message to many accounts (group fan-out) with one
     /// batched durable write. `build(local, seq)` renders the stanza for
     /// each recipient. Returns the ticket and the recipients that do not
-    /// get it, each with the reason (`resource-constraint`: their queue
-    /// is full, or the sender holds its whole share of it).
+    /// get it. The reason is always `resource-constraint`: the member's
+    /// queue is full (in messages or bytes), or the sender (the group)
+    /// holds its whole share of it.
     ///
     /// # Errors
     /// `internal-server-error` when the store fails.
@@ -93,7 +91,7 @@ pub trait Router: Send + Sync {
         &self,
         recipients: &[String],
         build: &dyn Fn(&str, u64) -> String,
-    ) -> Result<(Ticket, Vec<Refused>), StanzaError>;
+    ) -> Result<(Ticket, Vec<String>), StanzaError>;
 }
 
 /// Limits on what a recipient's queue holds and on how fast an account
@@ -318,7 +316,7 @@ impl Router for LocalRouter {
         &self,
         recipients: &[String],
         build: &dyn Fn(&str, u64) -> String,
-    ) -> Result<(Ticket, Vec<Refused>), StanzaError> {
+    ) -> Result<(Ticket, Vec<String>), StanzaError> {
         let mut g = self.registry.lock_many(recipients);
         let now = crate::accounts::now_ms();
         let mut items: Vec<(&str, u64, StoredMessage, QueuedMeta)> = Vec::with_capacity(recipients.len());
@@ -328,8 +326,8 @@ impl Router for LocalRouter {
             let seq = self.last_seq(r, e)? + 1;
             let m = StoredMessage { ts_ms: now, xml: build(r, seq) };
             let meta = QueuedMeta::of(&m);
-            if let Err(why) = self.limits.admits(self.usage(r, e)?, &meta.sender, meta.bytes) {
-                refused.push((r.clone(), why));
+            if self.limits.admits(self.usage(r, e)?, &meta.sender, meta.bytes).is_err() {
+                refused.push(r.clone());
                 continue;
             }
             items.push((r.as_str(), seq, m, meta));
