@@ -74,9 +74,9 @@ pub trait Router: Send + Sync {
     /// Whether the account exists.
     fn account_exists(&self, local: &str) -> bool;
 
-    /// Takes one message from `local`'s sending budget (the per-account
-    /// rate limit); false when it is used up.
-    fn admit_message(&self, local: &str) -> bool;
+    /// Takes `cost` messages from `local`'s sending budget (the
+    /// per-account rate limit); false when it is used up.
+    fn admit_message(&self, local: &str, cost: f64) -> bool;
 
     /// Delivers one message to many accounts (group fan-out) with one
     /// batched durable write. `build(local, seq)` renders the stanza for
@@ -354,10 +354,10 @@ impl Router for LocalRouter {
         live || matches!(self.users.has_user(local), Ok(true))
     }
 
-    fn admit_message(&self, local: &str) -> bool {
+    fn admit_message(&self, local: &str, cost: f64) -> bool {
         let (rate, burst) = (self.limits.rate_per_sec, self.limits.rate_burst);
         self.registry.with(local, |e| {
-            e.send_budget.get_or_insert_with(|| TokenBucket::full(burst)).take(rate, burst, Instant::now())
+            e.send_budget.get_or_insert_with(|| TokenBucket::full(burst)).take_n(cost, rate, burst, Instant::now())
         })
     }
 }
@@ -543,9 +543,9 @@ mod tests {
     #[test]
     fn rate_limit_per_account() {
         let (r, _reg, _s) = router(10);
-        assert!((0..3).all(|_| r.admit_message("15550000002")));
-        assert!(!r.admit_message("15550000002"));
-        assert!(r.admit_message("15550000003"));
+        assert!((0..3).all(|_| r.admit_message("15550000002", 1.0)));
+        assert!(!r.admit_message("15550000002", 1.0));
+        assert!(r.admit_message("15550000003", 1.0));
     }
 
     #[test]

@@ -144,11 +144,16 @@ impl TokenBucket {
 
     /// Takes one token if there is one.
     pub fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.take_n(1.0, rate, burst, now)
+    }
+
+    /// Takes `cost` tokens if there are that many.
+    pub fn take_n(&mut self, cost: f64, rate: f64, burst: f64, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + dt * rate).min(burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             true
         } else {
             false

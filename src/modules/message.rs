@@ -10,6 +10,18 @@ use crate::router::{Delivery, MessageClass};
 
 pub const CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
 pub const HINTS: &str = "urn:xmpp:hints";
+const RECEIPTS: &str = "urn:xmpp:receipts";
+const MARKERS: &str = "urn:xmpp:chat-markers:0";
+
+/// What a message costs of its sender's rate budget. Receipts, markers,
+/// chat states and errors are small and come in bursts a person does not
+/// type (a phone that reads a backlog of 2,000 messages acknowledges each),
+/// so they cost a tenth.
+pub fn rate_cost(m: &Element) -> f64 {
+    let signal = m.attr("type") == Some("error")
+        || m.elements().all(|c| matches!(c.ns.as_str(), RECEIPTS | MARKERS | CHATSTATES | HINTS));
+    if signal { 0.1 } else { 1.0 }
+}
 
 /// Decides whether a message is stored until acknowledged.
 pub fn classify(m: &Element) -> MessageClass {
@@ -34,7 +46,7 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
     }
     // Per-account rate limit, before anything is stored or fanned out
     // (a group message counts once).
-    if !s.srv.router.admit_message(&s.local) {
+    if !s.srv.router.admit_message(&s.local, rate_cost(&m)) {
         if typ != "error" {
             s.reply_error(&m, StanzaError::PolicyViolation);
         }
@@ -97,6 +109,19 @@ mod tests {
 
     fn m(x: &str) -> Element {
         parse_element(x.as_bytes(), &Scope::client_stream()).unwrap()
+    }
+
+    #[test]
+    fn receipts_cost_less_of_the_rate_budget() {
+        assert_eq!(rate_cost(&m("<message type='chat'><body>x</body></message>")), 1.0);
+        assert_eq!(rate_cost(&m("<message><received xmlns='urn:xmpp:receipts' id='1'/></message>")), 0.1);
+        assert_eq!(
+            rate_cost(&m(
+                "<message><displayed xmlns='urn:xmpp:chat-markers:0' id='1'/><store xmlns='urn:xmpp:hints'/></message>"
+            )),
+            0.1
+        );
+        assert_eq!(rate_cost(&m("<message><x xmlns='jabber:x:conference' jid='g@x'/></message>")), 1.0);
     }
 
     #[test]
