@@ -196,7 +196,7 @@ async fn unacked_buffer_is_bounded_in_bytes() {
         "stream closed with policy-violation: {closed_with}"
     );
     assert!(got < N / 2, "closed early ({got} messages read)");
-    assert!(growth_mib < (sent_mib / 2) as u64, "server grew by {growth_mib} MiB for {sent_mib} MiB sent");
+    assert!(growth_mib < (sent_mib * 2 / 3) as u64, "server grew by {growth_mib} MiB for {sent_mib} MiB sent");
 
     // Nothing was lost: the next login gets every message, in order.
     let mut b = Client::login(srv.port, B, PW, "b2", false).await;
