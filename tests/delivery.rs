@@ -253,3 +253,63 @@ async fn message_rate_is_limited_per_account() {
     let got = b.expect(10, |e| body(e).as_deref() == Some("from c")).await;
     assert!(got.is_some(), "another sender still reaches the recipient");
 }
+
+/// Authenticates with PLAIN and restarts the stream, without binding.
+async fn authenticated(port: u16, local: &str) -> Client {
+    use base64::Engine;
+    let mut c = Client::connect(port).await;
+    c.send(common::HEADER).await;
+    c.next(5).await.expect("header");
+    c.next(5).await.expect("features");
+    let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{local}\0{PW}"));
+    c.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>")).await;
+    assert!(matches!(c.next(5).await, Some(Frame::Stanza(e)) if e.local_name() == "success"));
+    c.framer.reset();
+    c.send(common::HEADER).await;
+    c.next(5).await.expect("header");
+    c.next(5).await.expect("features");
+    c
+}
+
+/// A session parked for resumption holds what is routed to it only up to
+/// `delivery.max_unacked_bytes`: past it the session ends (resumption
+/// then fails), and a fresh login gets every message from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_session_is_bounded_in_bytes() {
+    const N: usize = 200;
+    // A large outbound queue: the unacked limit is what ends the session.
+    let mut cfg = format!("{FAST}max_outbound_bytes = 268435456\n[offline]\nsender_share_percent = 100\n");
+    // Without the limit: UNACKED_LIMIT=1073741824 (resumption then succeeds).
+    if let Ok(l) = std::env::var("UNACKED_LIMIT") {
+        cfg = cfg.replace("[delivery]\n", &format!("[delivery]\nmax_unacked_bytes = {l}\n"));
+    }
+    let srv = TestServer::start("parked", &cfg, &[(A, PW), (B, PW)]);
+    let mut b = Client::login(srv.port, B, PW, "b", false).await;
+    b.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/><presence/>").await;
+    let enabled = b.expect(5, |e| e.local_name() == "enabled").await.expect("enabled");
+    let previd = enabled.attr("id").expect("resumption id").to_string();
+    sync(&mut b, "b-ready").await;
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut a = Client::login(srv.port, A, PW, "a", false).await;
+    let pad = "x".repeat(100 * 1024);
+    for i in 0..N {
+        a.send(&chat(B, &format!("{i} {pad}"))).await;
+        if i % 20 == 19 {
+            assert!(errors(sync(&mut a, &format!("p{i}")).await).is_empty());
+        }
+    }
+    sync(&mut a, "sent").await;
+
+    let mut r = authenticated(srv.port, B).await;
+    r.send(&format!("<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='0'/>")).await;
+    let answer = r.expect(10, |e| matches!(e.local_name(), "resumed" | "failed")).await.expect("resume answer");
+    assert_eq!(answer.local_name(), "failed", "the parked session outgrew its byte limit and ended");
+
+    let mut b = Client::login(srv.port, B, PW, "b2", false).await;
+    b.send("<enable xmlns='urn:xmpp:sm:3'/><presence/>").await;
+    let got = read_acking(&mut b, N, 60).await;
+    let nums: Vec<usize> = got.iter().filter_map(|b| b.split(' ').next()?.parse().ok()).collect();
+    assert_eq!(nums, (0..N).collect::<Vec<_>>());
+}
