@@ -104,10 +104,12 @@ async fn backlog_drain_keeps_per_sender_order_with_live_messages() {
     let mut b = Client::login(srv.port, B, PW, "b", false).await;
     b.send("<enable xmlns='urn:xmpp:sm:3'/><presence/>").await;
     let live = tokio::spawn(async move {
+        // Spread over the whole drain, so live messages keep arriving
+        // between its batches.
         for i in 2000..2500u32 {
             a.send(&chat(B, &i.to_string())).await;
-            if i % 5 == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            if i % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
         sync(&mut a, "live").await;
