@@ -233,13 +233,14 @@ async fn register(State(api): State<Arc<AccountsApi>>, body: Bytes) -> Response 
     }
     let srv = api.srv.clone();
     let l2 = local.clone();
-    let resp = tokio::task::spawn_blocking(move || {
-        admin::execute(
-            &srv.stores,
-            Some(&srv),
-            Request::Put { users: vec![(l2, rec)], replace: true, must_exist: existed },
-        )
-    })
+    // A number registered again is a number that changed hands: nothing
+    // of the previous owner may reach the new one.
+    let req = if existed {
+        Request::Reassign { local: l2, user: rec }
+    } else {
+        Request::Put { users: vec![(l2, rec)], replace: true, must_exist: false }
+    };
+    let resp = tokio::task::spawn_blocking(move || admin::execute(&srv.stores, Some(&srv), req))
     .await;
     match resp {
         Ok(r) if r.ok => {
