@@ -21,7 +21,13 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn users() -> Vec<(&'static str, &'static str)> {
-    vec![("+15550000001", "pa"), ("+15550000002", "pb"), ("+15550000003", "pc"), ("+15550000004", "pd"), ("+15550000005", "pe")]
+    vec![
+        ("+15550000001", "pa"),
+        ("+15550000002", "pb"),
+        ("+15550000003", "pc"),
+        ("+15550000004", "pd"),
+        ("+15550000005", "pe"),
+    ]
 }
 
 /// Bytes the server process passed to write(2) so far.
@@ -55,8 +61,13 @@ fn members(xs: &[&str]) -> String {
 }
 
 async fn create(a: &mut Client, id: &str, named: &str) -> Element {
-    a.iq(id, &format!("<iq type='set' id='{id}' to='groups.localhost'><create xmlns='{NS}' subject='Team'>{named}</create></iq>"))
-        .await
+    a.iq(
+        id,
+        &format!(
+            "<iq type='set' id='{id}' to='groups.localhost'><create xmlns='{NS}' subject='Team'>{named}</create></iq>"
+        ),
+    )
+    .await
 }
 
 fn group_of(r: &Element) -> String {
@@ -79,15 +90,25 @@ fn who_can_add_me_and_invitations() {
         let mut c = Client::login(srv.port, C, "pc", "p", true).await;
         let mut d = Client::login(srv.port, D, "pd", "p", true).await;
         // B: contacts only; C: nobody; D: contacts, and A is D's contact.
-        let r = b.iq("pb", "<iq type='set' id='pb'><privacy xmlns='urn:chatd:privacy:0' groups='contacts'/></iq>").await;
+        let r =
+            b.iq("pb", "<iq type='set' id='pb'><privacy xmlns='urn:chatd:privacy:0' groups='contacts'/></iq>").await;
         assert_eq!(r.child("privacy", "urn:chatd:privacy:0").and_then(|p| p.attr("groups")), Some("contacts"));
         let r = c.iq("pc", "<iq type='set' id='pc'><privacy xmlns='urn:chatd:privacy:0' groups='nobody'/></iq>").await;
         assert_eq!(r.attr("type"), Some("result"));
-        let r = d.iq("pd", "<iq type='set' id='pd'><privacy xmlns='urn:chatd:privacy:0' groups='contacts'/></iq>").await;
+        let r =
+            d.iq("pd", "<iq type='set' id='pd'><privacy xmlns='urn:chatd:privacy:0' groups='contacts'/></iq>").await;
         assert_eq!(r.attr("type"), Some("result"));
-        let r = d.iq("rd", &format!("<iq type='set' id='rd'><query xmlns='jabber:iq:roster'><item jid='{A}@localhost'/></query></iq>")).await;
+        let r = d
+            .iq(
+                "rd",
+                &format!(
+                    "<iq type='set' id='rd'><query xmlns='jabber:iq:roster'><item jid='{A}@localhost'/></query></iq>"
+                ),
+            )
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
-        let r = c.iq("bad", "<iq type='set' id='bad'><privacy xmlns='urn:chatd:privacy:0' groups='strangers'/></iq>").await;
+        let r =
+            c.iq("bad", "<iq type='set' id='bad'><privacy xmlns='urn:chatd:privacy:0' groups='strangers'/></iq>").await;
         assert_eq!(error_condition(&r).as_deref(), Some("bad-request"));
 
         let r = create(&mut a, "mk", &members(&[B, C, D])).await;
@@ -129,7 +150,9 @@ fn who_can_add_me_and_invitations() {
         // A declined invitation leaves no membership.
         let r = e.iq("ep", "<iq type='set' id='ep'><privacy xmlns='urn:chatd:privacy:0' groups='nobody'/></iq>").await;
         assert_eq!(r.attr("type"), Some("result"));
-        let r = a.iq("ae", &format!("<iq type='set' id='ae' to='{g}'><add xmlns='{NS}'>{}</add></iq>", members(&[E]))).await;
+        let r = a
+            .iq("ae", &format!("<iq type='set' id='ae' to='{g}'><add xmlns='{NS}'>{}</add></iq>", members(&[E])))
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
         e.expect(5, is_invitation).await.expect("E invited");
         let r = e.iq("ed", &format!("<iq type='set' id='ed' to='{g}'><decline xmlns='{NS}'/></iq>")).await;
@@ -146,7 +169,14 @@ fn blocked_accounts_reach_nobody_through_groups() {
         let mut a = Client::login(srv.port, A, "pa", "p", true).await;
         let mut b = Client::login(srv.port, B, "pb", "p", true).await;
         let mut c = Client::login(srv.port, C, "pc", "p", true).await;
-        let r = b.iq("blk", &format!("<iq type='set' id='blk'><block xmlns='urn:xmpp:blocking'><item jid='{A}@localhost'/></block></iq>")).await;
+        let r = b
+            .iq(
+                "blk",
+                &format!(
+                    "<iq type='set' id='blk'><block xmlns='urn:xmpp:blocking'><item jid='{A}@localhost'/></block></iq>"
+                ),
+            )
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
 
         // A cannot add B, not even by invitation, and is not told why.
@@ -154,7 +184,9 @@ fn blocked_accounts_reach_nobody_through_groups() {
         let g1 = group_of(&r);
         assert!(r.to_xml().contains(&format!("{B}@localhost")), "answered like an invitation: {}", r.to_xml());
         assert_eq!(member_jids(&mut a, &g1, "i1").await, vec![format!("{A}@localhost"), format!("{C}@localhost")]);
-        let r = a.iq("add", &format!("<iq type='set' id='add' to='{g1}'><add xmlns='{NS}'>{}</add></iq>", members(&[B]))).await;
+        let r = a
+            .iq("add", &format!("<iq type='set' id='add' to='{g1}'><add xmlns='{NS}'>{}</add></iq>", members(&[B])))
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
         assert_eq!(member_jids(&mut a, &g1, "i1b").await.len(), 2);
         let r = b.iq("bj", &format!("<iq type='set' id='bj' to='{g1}'><join xmlns='{NS}'/></iq>")).await;
@@ -162,14 +194,26 @@ fn blocked_accounts_reach_nobody_through_groups() {
 
         // In a group C made with both, B gets nothing from A.
         let g2 = group_of(&create(&mut c, "mk2", &members(&[A, B])).await);
-        let r = c.iq("pro", &format!("<iq type='set' id='pro' to='{g2}'><promote xmlns='{NS}'>{}</promote></iq>", members(&[A]))).await;
+        let r = c
+            .iq(
+                "pro",
+                &format!("<iq type='set' id='pro' to='{g2}'><promote xmlns='{NS}'>{}</promote></iq>", members(&[A])),
+            )
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
         a.send(&format!("<message type='groupchat' to='{g2}' id='fromA'><body>from A</body></message>")).await;
         a.send(&format!("<message to='{g2}/{B}' id='privA'><body>private from A</body></message>")).await;
-        let r = a.iq("subj", &format!("<iq type='set' id='subj' to='{g2}'><subject xmlns='{NS}'>Renamed by A</subject></iq>")).await;
+        let r = a
+            .iq(
+                "subj",
+                &format!("<iq type='set' id='subj' to='{g2}'><subject xmlns='{NS}'>Renamed by A</subject></iq>"),
+            )
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
         c.send(&format!("<message type='groupchat' to='{g2}' id='fromC'><body>from C</body></message>")).await;
-        c.expect(5, |e| e.attr("type") == Some("groupchat") && e.to_xml().contains("from A")).await.expect("C gets A's message");
+        c.expect(5, |e| e.attr("type") == Some("groupchat") && e.to_xml().contains("from A"))
+            .await
+            .expect("C gets A's message");
         let got = b.drain(3).await;
         let texts: Vec<String> = got.iter().map(|e| e.to_xml()).collect();
         assert!(texts.iter().any(|x| x.contains("from C")), "B still gets C's message: {texts:?}");
@@ -191,7 +235,9 @@ fn one_announcement_per_admin_action() {
         let named: String = others.iter().map(|l| format!("<member jid='{l}@localhost'/>")).collect();
         let g = group_of(&create(&mut a, "mk", &named).await);
         let before = wchar(&srv);
-        let r = a.iq("pro", &format!("<iq type='set' id='pro' to='{g}'><promote xmlns='{NS}'>{named}</promote></iq>")).await;
+        let r = a
+            .iq("pro", &format!("<iq type='set' id='pro' to='{g}'><promote xmlns='{NS}'>{named}</promote></iq>"))
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let written = wchar(&srv) - before;
@@ -199,7 +245,12 @@ fn one_announcement_per_admin_action() {
         let mut m = Client::login(srv.port, &others[7], "pw", "p", true).await;
         let got = m.drain(3).await;
         let promoted: Vec<&Element> = got.iter().filter(|e| is_event(e, "promoted")).collect();
-        println!("promote naming {} members in a group of {}: {} promoted events for one member, {written} bytes written", others.len(), others.len() + 1, promoted.len());
+        println!(
+            "promote naming {} members in a group of {}: {} promoted events for one member, {written} bytes written",
+            others.len(),
+            others.len() + 1,
+            promoted.len()
+        );
         assert_eq!(promoted.len(), 1, "one announcement per member for one action");
         let ev = promoted[0].to_xml();
         assert!(ev.contains("count=\"150\""), "{ev}");
@@ -277,12 +328,21 @@ fn full_queues_are_reported_to_the_sender() {
         let (i, e) = reported.expect("the sender learns some member did not get a message");
         assert_eq!(i, 2, "C's queue (4) holds the event, the invitation and two messages");
         assert_eq!(error_condition(&e).as_deref(), Some("resource-constraint"));
-        let u = e.child("error", chatd::protocol::ns::CLIENT).and_then(|x| x.child("undelivered", NS)).expect("undelivered list").to_xml();
+        let u = e
+            .child("error", chatd::protocol::ns::CLIENT)
+            .and_then(|x| x.child("undelivered", NS))
+            .expect("undelivered list")
+            .to_xml();
         assert!(u.contains(&format!("{C}@localhost")) && !u.contains(&format!("{B}@localhost")), "{u}");
         b.expect(5, |e| e.attr("id") == Some("m2")).await.expect("the others still get it");
 
         // Announcements and invitations: the iq result names C.
-        let r = a.iq("pro", &format!("<iq type='set' id='pro' to='{g}'><promote xmlns='{NS}'>{}</promote></iq>", members(&[C]))).await;
+        let r = a
+            .iq(
+                "pro",
+                &format!("<iq type='set' id='pro' to='{g}'><promote xmlns='{NS}'>{}</promote></iq>", members(&[C])),
+            )
+            .await;
         assert_eq!(r.attr("type"), Some("result"));
         let u = r.child("undelivered", NS).expect("undelivered in the result").to_xml();
         assert!(u.contains(&format!("{C}@localhost")), "{u}");

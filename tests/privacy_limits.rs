@@ -25,7 +25,10 @@ fn users() -> Vec<(&'static str, &'static str)> {
 
 fn rss_kib(srv: &TestServer) -> u64 {
     let st = std::fs::read_to_string(format!("/proc/{}/status", srv.child.id())).expect("/proc/PID/status");
-    st.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).expect("VmRSS")
+    st.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
 
 /// Sends messages to `n` made-up numbers starting at `from`, in batches
@@ -34,7 +37,7 @@ async fn message_unknown(a: &mut Client, from: u64, n: u64) {
     let mut batch = String::new();
     for i in from..from + n {
         batch.push_str(&format!("<message type='chat' to='1555{i:07}@localhost'><body>hi</body></message>"));
-        if (i - from + 1) % 500 == 0 || i + 1 == from + n {
+        if (i - from + 1).is_multiple_of(500) || i + 1 == from + n {
             a.send(&batch).await;
             batch.clear();
             let id = format!("p{i}");
@@ -102,9 +105,11 @@ fn full_jid_iqs_do_not_reveal_presence() {
         let mut a = Client::login(srv.port, A, "pa", "p", true).await;
         let mut b = Client::login(srv.port, B, "pb", "phone", true).await;
         let mut c = Client::login(srv.port, C, "pc", "phone", true).await;
-        let r = b.iq("v", "<iq type='set' id='v'><privacy xmlns='urn:chatd:privacy:0' visibility='nobody'/></iq>").await;
+        let r =
+            b.iq("v", "<iq type='set' id='v'><privacy xmlns='urn:chatd:privacy:0' visibility='nobody'/></iq>").await;
         assert_eq!(r.attr("type"), Some("result"));
-        let ask = |id: &str, to: &str| format!("<iq type='get' id='{id}' to='{to}'><query xmlns='jabber:iq:version'/></iq>");
+        let ask =
+            |id: &str, to: &str| format!("<iq type='get' id='{id}' to='{to}'><query xmlns='jabber:iq:version'/></iq>");
         let online = a.iq("on", &ask("on", &format!("{B}@localhost/phone"))).await;
         let offline = a.iq("off", &ask("off", &format!("{B}@localhost/tablet"))).await;
         assert_eq!(error_condition(&online).as_deref(), Some("service-unavailable"));
@@ -172,8 +177,13 @@ async fn sms_register(srv: &TestServer, digits: &str) -> String {
     let (st, _, _) = http(srv.http_port, "POST", "/v1/accounts/code", &format!("{{\"phone\":\"+{digits}\"}}")).await;
     assert_eq!(st, 200);
     let code = code_for(srv, digits);
-    let (st, _, body) =
-        http(srv.http_port, "POST", "/v1/accounts/register", &format!("{{\"phone\":\"+{digits}\",\"code\":\"{code}\"}}")).await;
+    let (st, _, body) = http(
+        srv.http_port,
+        "POST",
+        "/v1/accounts/register",
+        &format!("{{\"phone\":\"+{digits}\",\"code\":\"{code}\"}}"),
+    )
+    .await;
     assert_eq!(st, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["password"].as_str().unwrap().to_string()

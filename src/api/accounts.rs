@@ -240,8 +240,7 @@ async fn register(State(api): State<Arc<AccountsApi>>, body: Bytes) -> Response 
     } else {
         Request::Put { users: vec![(l2, rec)], replace: true, must_exist: false }
     };
-    let resp = tokio::task::spawn_blocking(move || admin::execute(&srv.stores, Some(&srv), req))
-    .await;
+    let resp = tokio::task::spawn_blocking(move || admin::execute(&srv.stores, Some(&srv), req)).await;
     match resp {
         Ok(r) if r.ok => {
             tracing::info!(account = %local, new_device = existed, "registered by SMS code");

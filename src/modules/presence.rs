@@ -36,8 +36,8 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
             // A blocked pair cannot start a subscription; ending one is
             // always allowed. Asking a stranger costs a contact-discovery
             // lookup, like any other question about a number.
-            let allowed = t != "subscribe"
-                || to.local.as_deref().is_none_or(|l| super::discovery::charge(&s.srv, &s.local, l));
+            let allowed =
+                t != "subscribe" || to.local.as_deref().is_none_or(|l| super::discovery::charge(&s.srv, &s.local, l));
             if (!blocked || t.starts_with("un")) && allowed {
                 subscription(s, &t, &to.bare());
             }

@@ -423,13 +423,8 @@ fn manage(s: &mut Session, iq: &Element, q: &Element, mut g: Group) {
             return;
         }
         if save(s, iq, &g, Some(&prev)) {
-            let o = announce(
-                &srv,
-                &g,
-                &me,
-                event(&srv, "left", &me, std::slice::from_ref(&me)),
-                std::slice::from_ref(&me),
-            );
+            let o =
+                announce(&srv, &g, &me, event(&srv, "left", &me, std::slice::from_ref(&me)), std::slice::from_ref(&me));
             reply(s, iq, None, &o);
         }
         return;
@@ -475,7 +470,8 @@ fn manage(s: &mut Session, iq: &Element, q: &Element, mut g: Group) {
                 "add" => {
                     adm = admit(&srv, &me, &named, &g);
                     invited = invited_element(&srv, &named, &adm, &g);
-                    g.members.extend(adm.direct.iter().map(|l| GroupMember { local: l.clone(), role: GroupRole::Member }));
+                    g.members
+                        .extend(adm.direct.iter().map(|l| GroupMember { local: l.clone(), role: GroupRole::Member }));
                     if let Err(e) = record_invitations(&srv, &mut g, &adm.invite) {
                         s.reply_error(iq, e);
                         return;

@@ -148,4 +148,3 @@ pub fn handle_presence(s: &mut Session, p: Element, to: &Jid) {
         .with_child(Element::stanza("subject").with_text(g.subject.as_str()));
     s.send(&subj);
 }
-
