@@ -228,15 +228,19 @@ fn blocked_accounts_reach_nobody_through_groups() {
 
 #[test]
 fn one_announcement_per_admin_action() {
+    // GROUP_AMP_MEMBERS=1023 reproduces the full-size figure (slow in debug).
+    let n = std::env::var("GROUP_AMP_MEMBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(150);
+    let named_n = std::env::var("GROUP_AMP_NAMED").ok().and_then(|v| v.parse().ok()).unwrap_or(n);
     let srv = TestServer::start("gabuse-amp", "", &users());
-    let others = import(&srv, 150);
+    let others = import(&srv, n);
     rt().block_on(async {
         let mut a = Client::login(srv.port, A, "pa", "p", true).await;
         let named: String = others.iter().map(|l| format!("<member jid='{l}@localhost'/>")).collect();
         let g = group_of(&create(&mut a, "mk", &named).await);
+        let promote: String = others[..named_n].iter().map(|l| format!("<member jid='{l}@localhost'/>")).collect();
         let before = wchar(&srv);
         let r = a
-            .iq("pro", &format!("<iq type='set' id='pro' to='{g}'><promote xmlns='{NS}'>{named}</promote></iq>"))
+            .iq("pro", &format!("<iq type='set' id='pro' to='{g}'><promote xmlns='{NS}'>{promote}</promote></iq>"))
             .await;
         assert_eq!(r.attr("type"), Some("result"));
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -246,14 +250,14 @@ fn one_announcement_per_admin_action() {
         let got = m.drain(3).await;
         let promoted: Vec<&Element> = got.iter().filter(|e| is_event(e, "promoted")).collect();
         println!(
-            "promote naming {} members in a group of {}: {} promoted events for one member, {written} bytes written",
-            others.len(),
+            "promote naming {named_n} members in a group of {}: {} promoted events per member, {} stored in all, {written} bytes written",
             others.len() + 1,
-            promoted.len()
+            promoted.len(),
+            promoted.len() * (others.len() + 1)
         );
         assert_eq!(promoted.len(), 1, "one announcement per member for one action");
         let ev = promoted[0].to_xml();
-        assert!(ev.contains("count=\"150\""), "{ev}");
+        assert!(ev.contains(&format!("count=\"{named_n}\"")), "{ev}");
         // Written bytes: one small event per member, not one per named member.
         assert!(written < 2_000_000, "promote wrote {written} bytes");
     });
@@ -346,5 +350,41 @@ fn full_queues_are_reported_to_the_sender() {
         assert_eq!(r.attr("type"), Some("result"));
         let u = r.child("undelivered", NS).expect("undelivered in the result").to_xml();
         assert!(u.contains(&format!("{C}@localhost")), "{u}");
+    });
+}
+
+#[test]
+fn naming_numbers_draws_on_the_discovery_allowance() {
+    let srv = TestServer::start("gabuse-probe", "[discovery]\nmax_per_hour = 3\n", &users());
+    rt().block_on(async {
+        let mut a = Client::login(srv.port, A, "pa", "p", true).await;
+        // Three strangers named: the allowance is spent...
+        let g = group_of(&create(&mut a, "mk", &members(&[B, C, D])).await);
+        // ...so naming another stranger is refused, registered or not,
+        let r = a
+            .iq("add", &format!("<iq type='set' id='add' to='{g}'><add xmlns='{NS}'>{}</add></iq>", members(&[E])))
+            .await;
+        assert_eq!(error_condition(&r).as_deref(), Some("resource-constraint"));
+        let r = a
+            .iq(
+                "add2",
+                &format!(
+                    "<iq type='set' id='add2' to='{g}'><add xmlns='{NS}'>{}</add></iq>",
+                    members(&["15559990009"])
+                ),
+            )
+            .await;
+        assert_eq!(error_condition(&r).as_deref(), Some("resource-constraint"));
+        // ...while managing the group's own members costs nothing.
+        let r = a
+            .iq(
+                "pro",
+                &format!(
+                    "<iq type='set' id='pro' to='{g}'><promote xmlns='{NS}'>{}</promote></iq>",
+                    members(&[B, C, D])
+                ),
+            )
+            .await;
+        assert_eq!(r.attr("type"), Some("result"), "{}", r.to_xml());
     });
 }

@@ -121,9 +121,10 @@ fn save(s: &mut Session, iq: &Element, g: &Group, prev: Option<&Group>) -> bool 
 }
 
 /// Member localparts named by `<member jid='…'/>` children, all of them
-/// existing accounts. Naming a number that is not a contact costs a
-/// contact-discovery lookup (the answer says whether it exists).
-fn members_named(s: &Session, el: &Element) -> Result<Vec<String>, StanzaError> {
+/// existing accounts. Naming a number that is neither a contact nor
+/// already in `group` (member or invited) costs a contact-discovery
+/// lookup: the answer says whether it exists.
+fn members_named(s: &Session, el: &Element, group: Option<&Group>) -> Result<Vec<String>, StanzaError> {
     let mut out = Vec::new();
     for m in el.elements().filter(|e| e.local_name() == "member") {
         let local = m.attr("jid").and_then(|j| local_of(&s.srv, j)).ok_or(StanzaError::JidMalformed)?;
@@ -133,7 +134,8 @@ fn members_named(s: &Session, el: &Element) -> Result<Vec<String>, StanzaError> 
         if out.len() >= s.srv.cfg.groups.max_members {
             return Err(StanzaError::ResourceConstraint);
         }
-        if !crate::modules::discovery::charge(&s.srv, &s.local, &local) {
+        let known = group.is_some_and(|g| g.member(&local).is_some() || g.invited.contains(&local));
+        if !known && !crate::modules::discovery::charge(&s.srv, &s.local, &local) {
             return Err(StanzaError::ResourceConstraint);
         }
         if !s.srv.router.account_exists(&local) {
@@ -310,7 +312,7 @@ fn create(s: &mut Session, iq: &Element, q: &Element) {
         s.reply_error(iq, StanzaError::NotAcceptable);
         return;
     }
-    let named = match members_named(s, q) {
+    let named = match members_named(s, q, None) {
         Ok(v) => v,
         Err(e) => {
             s.reply_error(iq, e);
@@ -452,7 +454,7 @@ fn manage(s: &mut Session, iq: &Element, q: &Element, mut g: Group) {
             }
         }
         "add" | "remove" | "promote" | "demote" => {
-            let named = match members_named(s, q) {
+            let named = match members_named(s, q, Some(&g)) {
                 Ok(v) if !v.is_empty() => v,
                 Ok(_) => {
                     s.reply_error(iq, StanzaError::BadRequest);
