@@ -129,11 +129,6 @@ pub fn policy(srv: &Server, local: &str) -> Arc<Policy> {
     srv.registry.with(local, |e| e.policy.get_or_insert(loaded).clone())
 }
 
-/// Forgets the cached policy (the account's settings were wiped).
-pub fn forget(srv: &Server, local: &str) {
-    srv.registry.with(local, |e| e.policy = None);
-}
-
 /// Stores and caches a new policy.
 pub fn save(srv: &Server, local: &str, p: Policy) {
     let mut list: Vec<&String> = p.blocked.iter().collect();
