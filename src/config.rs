@@ -50,6 +50,9 @@ pub struct Groups {
     /// Largest message to a group, in bytes: each one is stored once per
     /// member, so this is much smaller than `limits.max_stanza_bytes`.
     pub max_message_bytes: usize,
+    /// Bytes one account may have stored through group messages per
+    /// minute (message size times recipients).
+    pub fanout_bytes_per_minute: u64,
 }
 
 impl Default for Groups {
@@ -61,6 +64,7 @@ impl Default for Groups {
             max_subject_bytes: 256,
             max_description_bytes: 2048,
             max_message_bytes: 16 * 1024,
+            fanout_bytes_per_minute: 64 * 1024 * 1024,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Server {
     pub discovery: crate::modules::discovery::Throttle,
     /// Group creations per account.
     pub group_creations: crate::modules::discovery::Throttle,
+    /// Bytes stored through group messages per account.
+    pub group_bytes: crate::modules::groups::deliver::ByteBudget,
     /// In-band registrations per client IP.
     pub ibr_limit: crate::modules::register::IpLimit,
     /// Sessions waiting for their stanzas to become durable.
@@ -72,6 +74,7 @@ impl Server {
             media: Default::default(),
             discovery: Default::default(),
             group_creations: Default::default(),
+            group_bytes: Default::default(),
             ibr_limit: Default::default(),
             durable: Default::default(),
         }))

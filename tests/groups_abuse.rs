@@ -388,3 +388,28 @@ fn naming_numbers_draws_on_the_discovery_allowance() {
         assert_eq!(r.attr("type"), Some("result"), "{}", r.to_xml());
     });
 }
+
+#[test]
+fn group_bytes_per_sender_are_budgeted() {
+    let srv = TestServer::start("gabuse-bytes", "[groups]\nfanout_bytes_per_minute = 200000\n", &users());
+    let others = import(&srv, 50);
+    rt().block_on(async {
+        let mut a = Client::login(srv.port, A, "pa", "p", true).await;
+        let named: String = others.iter().map(|l| format!("<member jid='{l}@localhost'/>")).collect();
+        let g = group_of(&create(&mut a, "mk", &named).await);
+        // About 1.1 KB to 51 members: some 57 KB stored per message.
+        let body = "b".repeat(1000);
+        let mut refused = None;
+        for i in 0..6 {
+            a.send(&format!("<message type='groupchat' to='{g}' id='b{i}'><body>{body}</body></message>")).await;
+            let e = a.expect(5, |e| e.attr("id") == Some(&format!("b{i}"))).await.expect("copy or error");
+            if e.attr("type") == Some("error") {
+                assert_eq!(error_condition(&e).as_deref(), Some("resource-constraint"));
+                assert!(!e.to_xml().contains(&body), "the error does not echo the payload");
+                refused = Some(i);
+                break;
+            }
+        }
+        assert_eq!(refused, Some(3), "three messages fit in 200,000 bytes, the fourth does not");
+    });
+}

@@ -16,7 +16,13 @@
 //! - **Cost.** One admin action is one announcement per member, however
 //!   many members it names: the event lists at most [`MAX_NAMED`] of them
 //!   (with `count`), the rest is in `<info/>`. A group message is at most
-//!   `groups.max_message_bytes`, since it is stored once per member.
+//!   `groups.max_message_bytes`, since it is stored once per member, and
+//!   what one account has stored through groups (size times recipients)
+//!   is limited per minute by `groups.fanout_bytes_per_minute`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::c2s::session::Session;
 use crate::protocol::stanza::{StanzaError, error_reply};
@@ -26,6 +32,35 @@ use crate::storage::{Group, Ticket};
 
 use super::{CONFERENCE, NS, account_jid, group_jid, load};
 use crate::modules::privacy;
+
+/// Bytes each account had stored through group messages in the current
+/// minute. Only accounts that posted to a group have an entry; entries
+/// older than the window are dropped once the map grows.
+#[derive(Default)]
+pub struct ByteBudget {
+    windows: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl ByteBudget {
+    /// Takes `bytes` from `local`'s allowance of `max` per minute.
+    pub fn take(&self, local: &str, bytes: u64, max: u64) -> bool {
+        let Ok(mut w) = self.windows.lock() else { return false };
+        let now = Instant::now();
+        let window = Duration::from_secs(60);
+        if w.len() > 10_000 {
+            w.retain(|_, (t, _)| now.duration_since(*t) < window);
+        }
+        let e = w.entry(local.to_string()).or_insert((now, 0));
+        if now.duration_since(e.0) >= window {
+            *e = (now, 0);
+        }
+        if e.1.saturating_add(bytes) > max {
+            return false;
+        }
+        e.1 += bytes;
+        true
+    }
+}
 
 /// Members named in one announcement; larger changes give the count and
 /// leave the full list to `<info/>`, so an announcement stays small.
@@ -179,7 +214,8 @@ pub fn handle_message(s: &mut Session, m: Element, to: &Jid) {
                 s.reply_error(&m, StanzaError::Forbidden);
                 return;
             }
-            if m.to_xml().len() > srv.cfg.groups.max_message_bytes {
+            let size = m.to_xml().len();
+            if size > srv.cfg.groups.max_message_bytes {
                 let text = format!("group messages are limited to {} bytes", srv.cfg.groups.max_message_bytes);
                 // The error does not echo the oversized payload back.
                 let mut head = m.clone();
@@ -224,6 +260,16 @@ pub fn handle_message(s: &mut Session, m: Element, to: &Jid) {
                 .map(|m| m.local.clone())
                 .filter(|l| *l == s.local || !privacy::policy(&srv, l).blocks(&me_bare))
                 .collect();
+            let cost = (size as u64).saturating_mul(members.len() as u64);
+            if !srv.group_bytes.take(&s.local, cost, srv.cfg.groups.fanout_bytes_per_minute) {
+                let mut head = m.clone();
+                head.children.clear();
+                let text = "too many group message bytes this minute";
+                let mut e = error_reply(&head, StanzaError::ResourceConstraint, Some(text));
+                e.set_attr("to", s.jid.to_string());
+                s.send(&e);
+                return;
+            }
             match srv.router.fanout(&members, &build) {
                 Ok((t, full)) => {
                     s.max_ticket = s.max_ticket.max(t);
