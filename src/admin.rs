@@ -54,6 +54,16 @@ pub struct Response {
     pub users: Vec<String>,
     #[serde(default)]
     pub count: usize,
+    /// Store ticket of the request's last write: the caller may wait for
+    /// it to be durable before promising anything.
+    #[serde(default)]
+    pub ticket: u64,
+}
+
+impl Response {
+    fn done(count: usize, ticket: u64) -> Response {
+        Response { ok: true, error: None, users: Vec::new(), count, ticket }
+    }
 }
 
 fn socket_path(data_dir: &Path) -> PathBuf {
@@ -62,7 +72,7 @@ fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Executes a request against the stores (and the live server, if any).
 pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response {
-    let fail = |e: String| Response { ok: false, error: Some(e), users: Vec::new(), count: 0 };
+    let fail = |e: String| Response { ok: false, error: Some(e), users: Vec::new(), count: 0, ticket: 0 };
     match req {
         Request::Put { users, replace, must_exist } => {
             let mut replaced = Vec::new();
@@ -81,9 +91,10 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                     replaced.push(local);
                 }
             }
-            if let Err(e) = stores.users.put_users(&users) {
-                return fail(e.to_string());
-            }
+            let ticket = match stores.users.put_users(&users) {
+                Ok(t) => t,
+                Err(e) => return fail(e.to_string()),
+            };
             if let Some(srv) = srv {
                 // Sessions authenticated with the old key end, whichever
                 // path changed it (passwd, import, re-registration).
@@ -91,7 +102,7 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                     srv.kick_account(local);
                 }
             }
-            Response { ok: true, error: None, users: Vec::new(), count: users.len() }
+            Response::done(users.len(), ticket)
         }
         Request::Delete { local } => {
             match stores.users.get_user(&local) {
@@ -104,7 +115,7 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
             }
             let r = stores.users.delete_user(&local).and_then(|_| erase_account_data(stores, srv, &local));
             match r {
-                Ok(_) => Response { ok: true, error: None, users: Vec::new(), count: 1 },
+                Ok(t) => Response::done(1, t),
                 Err(e) => fail(e.to_string()),
             }
         }
@@ -119,12 +130,12 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                 srv.kick_account(&local);
             }
             match r {
-                Ok(_) => Response { ok: true, error: None, users: Vec::new(), count: 1 },
+                Ok(t) => Response::done(1, t),
                 Err(e) => fail(e.to_string()),
             }
         }
         Request::List => match stores.users.list_users() {
-            Ok(users) => Response { ok: true, error: None, count: users.len(), users },
+            Ok(users) => Response { ok: true, error: None, count: users.len(), users, ticket: 0 },
             Err(e) => fail(e.to_string()),
         },
     }
@@ -138,7 +149,7 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
 ///
 /// # Errors
 /// The first store failure.
-pub fn erase_account_data(stores: &Stores, srv: Option<&Server>, local: &str) -> crate::storage::Result<()> {
+pub fn erase_account_data(stores: &Stores, srv: Option<&Server>, local: &str) -> crate::storage::Result<u64> {
     let domain = srv.map(|s| s.domain().to_string());
     for item in stores.roster.roster(local)? {
         let Some((other, d)) = item.jid.split_once('@') else { continue };
@@ -160,15 +171,15 @@ pub fn erase_account_data(stores: &Stores, srv: Option<&Server>, local: &str) ->
     }
     stores.offline.clear(local)?;
     stores.roster.clear_roster(local)?;
-    stores.settings.clear_settings(local)?;
     crate::modules::groups::forget_account(stores, local);
+    let ticket = stores.settings.clear_settings(local)?;
     if let Some(srv) = srv {
         srv.registry.with(local, |e| {
             e.queued = Some(0);
             e.policy = None;
         });
     }
-    Ok(())
+    Ok(ticket)
 }
 
 /// Binds the admin socket and serves it.
@@ -203,6 +214,7 @@ pub async fn listen(srv: Arc<Server>) -> anyhow::Result<tokio::task::JoinHandle<
                                     error: Some("internal error".into()),
                                     users: Vec::new(),
                                     count: 0,
+                                    ticket: 0,
                                 })
                         }
                         Err(e) => Response {
@@ -210,6 +222,7 @@ pub async fn listen(srv: Arc<Server>) -> anyhow::Result<tokio::task::JoinHandle<
                             error: Some(format!("bad request: {e}")),
                             users: Vec::new(),
                             count: 0,
+                            ticket: 0,
                         },
                     };
                     let mut out = serde_json::to_vec(&resp).unwrap_or_default();

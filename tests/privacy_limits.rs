@@ -287,3 +287,37 @@ fn password_changes_end_the_other_sessions_on_every_path() {
         let _ok = Client::login(srv.port, A, "new3", "five", true).await;
     });
 }
+
+#[test]
+fn a_reassigned_number_survives_kill_9() {
+    const X: &str = "15559997777";
+    let mut srv = TestServer::start("priv-reassign-kill", "[sms]\nresend_secs = 0\n", &users());
+    let second = rt().block_on(async {
+        let first = sms_register(&srv, X).await;
+        let mut old = Client::login(srv.port, X, &first, "old", true).await;
+        let r = old.iq("ro", &format!("<iq type='set' id='ro'><query xmlns='jabber:iq:roster'><item jid='{B}@localhost' name='Bob'/></query></iq>")).await;
+        assert_eq!(r.attr("type"), Some("result"));
+        drop(old);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut b = Client::login(srv.port, B, "pb", "p", true).await;
+        b.send(&format!("<message type='chat' id='s1' to='{X}@localhost'><body>for the old owner</body></message>")).await;
+        let r = b.iq("sync", "<iq type='get' id='sync' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+        assert_eq!(r.attr("type"), Some("result"));
+        // The server dies the moment the new key is handed out.
+        let second = sms_register(&srv, X).await;
+        let _ = srv.child.kill();
+        let _ = srv.child.wait();
+        second
+    });
+    let (child, port, http_port) = common::spawn(&srv.data(), &srv.cfg);
+    srv.child = child;
+    srv.port = port;
+    srv.http_port = http_port;
+    rt().block_on(async {
+        let mut new = Client::login(srv.port, X, &second, "new", true).await;
+        let got = new.drain(2).await;
+        assert!(!got.iter().any(|e| e.to_xml().contains("for the old owner")), "queue inherited after a crash");
+        let r = new.iq("ro", "<iq type='get' id='ro'><query xmlns='jabber:iq:roster'/></iq>").await;
+        assert_eq!(r.child("query", "jabber:iq:roster").map(|q| q.elements().count()), Some(0), "{}", r.to_xml());
+    });
+}

@@ -243,6 +243,12 @@ async fn register(State(api): State<Arc<AccountsApi>>, body: Bytes) -> Response 
     let resp = tokio::task::spawn_blocking(move || admin::execute(&srv.stores, Some(&srv), req)).await;
     match resp {
         Ok(r) if r.ok => {
+            // The key is handed out only once it (and the erasure of a
+            // previous owner) survives a crash.
+            let mut committed = api.srv.stores.durability.committed();
+            if crate::storage::wait_durable(&mut committed, r.ticket).await.is_err() {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "could not store the account");
+            }
             tracing::info!(account = %local, new_device = existed, "registered by SMS code");
             json(serde_json::json!({ "jid": format!("{local}@{}", api.srv.domain()), "password": password }))
         }

@@ -132,6 +132,7 @@ pub fn post_auth(s: &mut Session, iq: &Element, q: &Element) {
         Request::Put { users: vec![(s.local.clone(), rec)], replace: true, must_exist: true },
     );
     if resp.ok {
+        s.max_ticket = s.max_ticket.max(resp.ticket);
         // Every other session (parked ones included) authenticated with
         // the old password: it ends. This one proved it just now.
         for h in srv.registry.sessions(&s.local) {
