@@ -33,6 +33,15 @@ pub enum Request {
     Delete {
         local: String,
     },
+    /// The number was registered again by whoever holds it now (a new
+    /// SIM owner): the previous owner's sessions end and everything it
+    /// left (queue, roster and the subscriptions others have to it,
+    /// groups, profile, settings, block list) is erased before the new
+    /// credentials are written.
+    Reassign {
+        local: String,
+        user: UserRecord,
+    },
     List,
 }
 
@@ -45,6 +54,16 @@ pub struct Response {
     pub users: Vec<String>,
     #[serde(default)]
     pub count: usize,
+    /// Store ticket of the request's last write: the caller may wait for
+    /// it to be durable before promising anything.
+    #[serde(default)]
+    pub ticket: u64,
+}
+
+impl Response {
+    fn done(count: usize, ticket: u64) -> Response {
+        Response { ok: true, error: None, users: Vec::new(), count, ticket }
+    }
 }
 
 fn socket_path(data_dir: &Path) -> PathBuf {
@@ -53,9 +72,10 @@ fn socket_path(data_dir: &Path) -> PathBuf {
 
 /// Executes a request against the stores (and the live server, if any).
 pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response {
-    let fail = |e: String| Response { ok: false, error: Some(e), users: Vec::new(), count: 0 };
+    let fail = |e: String| Response { ok: false, error: Some(e), users: Vec::new(), count: 0, ticket: 0 };
     match req {
         Request::Put { users, replace, must_exist } => {
+            let mut replaced = Vec::new();
             for (local, _) in &users {
                 let exists = match stores.users.get_user(local) {
                     Ok(x) => x.is_some(),
@@ -67,17 +87,22 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
                 if !replace && exists {
                     return fail(format!("account {local} already exists"));
                 }
+                if exists {
+                    replaced.push(local);
+                }
             }
-            if let Err(e) = stores.users.put_users(&users) {
-                return fail(e.to_string());
-            }
-            if must_exist && let Some(srv) = srv {
-                // Sessions authenticated with the old key end.
-                for (local, _) in &users {
+            let ticket = match stores.users.put_users(&users) {
+                Ok(t) => t,
+                Err(e) => return fail(e.to_string()),
+            };
+            if let Some(srv) = srv {
+                // Sessions authenticated with the old key end, whichever
+                // path changed it (passwd, import, re-registration).
+                for local in replaced {
                     srv.kick_account(local);
                 }
             }
-            Response { ok: true, error: None, users: Vec::new(), count: users.len() }
+            Response::done(users.len(), ticket)
         }
         Request::Delete { local } => {
             match stores.users.get_user(&local) {
@@ -88,26 +113,73 @@ pub fn execute(stores: &Stores, srv: Option<&Server>, req: Request) -> Response 
             if let Some(srv) = srv {
                 srv.kick_account(&local);
             }
-            let r = stores
-                .users
-                .delete_user(&local)
-                .and_then(|_| stores.offline.clear(&local))
-                .and_then(|_| stores.roster.clear_roster(&local))
-                .and_then(|_| stores.settings.clear_settings(&local));
-            crate::modules::groups::forget_account(stores, &local);
+            let r = stores.users.delete_user(&local).and_then(|_| erase_account_data(stores, srv, &local));
+            match r {
+                Ok(t) => Response::done(1, t),
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        Request::Reassign { local, user } => {
             if let Some(srv) = srv {
-                srv.registry.with(&local, |e| e.queue = Some(Default::default()));
+                srv.kick_account(&local);
+            }
+            let r = erase_account_data(stores, srv, &local).and_then(|_| stores.users.put_user(&local, &user));
+            if let Some(srv) = srv {
+                // A session that logged in between the kick and the new
+                // credentials used the old ones.
+                srv.kick_account(&local);
             }
             match r {
-                Ok(_) => Response { ok: true, error: None, users: Vec::new(), count: 1 },
+                Ok(t) => Response::done(1, t),
                 Err(e) => fail(e.to_string()),
             }
         }
         Request::List => match stores.users.list_users() {
-            Ok(users) => Response { ok: true, error: None, count: users.len(), users },
+            Ok(users) => Response { ok: true, error: None, count: users.len(), users, ticket: 0 },
             Err(e) => fail(e.to_string()),
         },
     }
+}
+
+/// Erases everything stored for `local` except its credentials: offline
+/// queue, roster, settings (privacy, block list, profile, last seen),
+/// group memberships and invitations, and the subscriptions other
+/// accounts hold to it, so nothing of the account survives for whoever
+/// holds the number next.
+///
+/// # Errors
+/// The first store failure.
+pub fn erase_account_data(stores: &Stores, srv: Option<&Server>, local: &str) -> crate::storage::Result<u64> {
+    let domain = srv.map(|s| s.domain().to_string());
+    for item in stores.roster.roster(local)? {
+        let Some((other, d)) = item.jid.split_once('@') else { continue };
+        if domain.as_deref().is_some_and(|dom| dom != d) {
+            continue;
+        }
+        let me = format!("{local}@{d}");
+        if let Some(mut theirs) = stores.roster.roster_item(other, &me)? {
+            theirs.subscription = crate::storage::Subscription::None;
+            theirs.ask = false;
+            theirs.pending_in = false;
+            theirs.approved = false;
+            if theirs.hidden {
+                stores.roster.remove_roster_item(other, &me)?;
+            } else {
+                stores.roster.put_roster_item(other, &theirs)?;
+            }
+        }
+    }
+    stores.offline.clear(local)?;
+    stores.roster.clear_roster(local)?;
+    crate::modules::groups::forget_account(stores, local);
+    let ticket = stores.settings.clear_settings(local)?;
+    if let Some(srv) = srv {
+        srv.registry.with(local, |e| {
+            e.queue = Some(Default::default());
+            e.policy = None;
+        });
+    }
+    Ok(ticket)
 }
 
 /// Binds the admin socket and serves it.
@@ -142,6 +214,7 @@ pub async fn listen(srv: Arc<Server>) -> anyhow::Result<tokio::task::JoinHandle<
                                     error: Some("internal error".into()),
                                     users: Vec::new(),
                                     count: 0,
+                                    ticket: 0,
                                 })
                         }
                         Err(e) => Response {
@@ -149,6 +222,7 @@ pub async fn listen(srv: Arc<Server>) -> anyhow::Result<tokio::task::JoinHandle<
                             error: Some(format!("bad request: {e}")),
                             users: Vec::new(),
                             count: 0,
+                            ticket: 0,
                         },
                     };
                     let mut out = serde_json::to_vec(&resp).unwrap_or_default();

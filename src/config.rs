@@ -32,6 +32,7 @@ pub struct Config {
     pub sms: crate::api::sms::SmsConfig,
     pub groups: Groups,
     pub delivery: Delivery,
+    pub roster: Roster,
 }
 
 /// Memory and rate bounds of message delivery to and from one session.
@@ -72,11 +73,45 @@ pub struct Groups {
     pub service: String,
     /// Members per group, the creator included.
     pub max_members: usize,
+    /// Groups one account may create per hour.
+    pub creations_per_hour: usize,
+    /// Largest group subject, in bytes.
+    pub max_subject_bytes: usize,
+    /// Largest group description, in bytes.
+    pub max_description_bytes: usize,
+    /// Largest message to a group, in bytes: each one is stored once per
+    /// member, so this is much smaller than `limits.max_stanza_bytes`.
+    pub max_message_bytes: usize,
+    /// Bytes one account may have stored through group messages per
+    /// minute (message size times recipients).
+    pub fanout_bytes_per_minute: u64,
 }
 
 impl Default for Groups {
     fn default() -> Self {
-        Groups { service: String::new(), max_members: 1024 }
+        Groups {
+            service: String::new(),
+            max_members: 1024,
+            creations_per_hour: 20,
+            max_subject_bytes: 256,
+            max_description_bytes: 2048,
+            max_message_bytes: 16 * 1024,
+            fanout_bytes_per_minute: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Roster {
+    /// Items on one account's roster, pending subscription requests
+    /// included; beyond it `resource-constraint`.
+    pub max_items: usize,
+}
+
+impl Default for Roster {
+    fn default() -> Self {
+        Roster { max_items: 2000 }
     }
 }
 
@@ -236,6 +271,7 @@ impl Default for Config {
             sms: Default::default(),
             groups: Groups::default(),
             delivery: Delivery::default(),
+            roster: Roster::default(),
         }
     }
 }

@@ -33,6 +33,10 @@ pub struct Server {
     pub media: std::sync::OnceLock<Arc<crate::media::slot::Issuer>>,
     /// Contact-discovery allowance per account.
     pub discovery: crate::modules::discovery::Throttle,
+    /// Group creations per account.
+    pub group_creations: crate::modules::discovery::Throttle,
+    /// Bytes stored through group messages per account.
+    pub group_bytes: crate::modules::groups::deliver::ByteBudget,
     /// In-band registrations per client IP.
     pub ibr_limit: crate::modules::register::IpLimit,
     /// Sessions waiting for their stanzas to become durable.
@@ -69,6 +73,8 @@ impl Server {
             resumable: Default::default(),
             media: Default::default(),
             discovery: Default::default(),
+            group_creations: Default::default(),
+            group_bytes: Default::default(),
             ibr_limit: Default::default(),
             durable: Default::default(),
         }))

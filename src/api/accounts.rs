@@ -233,16 +233,22 @@ async fn register(State(api): State<Arc<AccountsApi>>, body: Bytes) -> Response 
     }
     let srv = api.srv.clone();
     let l2 = local.clone();
-    let resp = tokio::task::spawn_blocking(move || {
-        admin::execute(
-            &srv.stores,
-            Some(&srv),
-            Request::Put { users: vec![(l2, rec)], replace: true, must_exist: existed },
-        )
-    })
-    .await;
+    // A number registered again is a number that changed hands: nothing
+    // of the previous owner may reach the new one.
+    let req = if existed {
+        Request::Reassign { local: l2, user: rec }
+    } else {
+        Request::Put { users: vec![(l2, rec)], replace: true, must_exist: false }
+    };
+    let resp = tokio::task::spawn_blocking(move || admin::execute(&srv.stores, Some(&srv), req)).await;
     match resp {
         Ok(r) if r.ok => {
+            // The key is handed out only once it (and the erasure of a
+            // previous owner) survives a crash.
+            let mut committed = api.srv.stores.durability.committed();
+            if crate::storage::wait_durable(&mut committed, r.ticket).await.is_err() {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "could not store the account");
+            }
             tracing::info!(account = %local, new_device = existed, "registered by SMS code");
             json(serde_json::json!({ "jid": format!("{local}@{}", api.srv.domain()), "password": password }))
         }

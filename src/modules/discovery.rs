@@ -17,6 +17,13 @@
 //! request and `discovery.max_per_hour` numbers per account per hour; over
 //! the limit the request fails with `resource-constraint` (or
 //! `policy-violation` for an oversized batch).
+//!
+//! Every other way of asking "is this number registered, is it online?"
+//! after login (ping, disco or last activity to a bare JID, profile reads,
+//! iqs to a full JID, errors to messages, subscription requests) draws on
+//! the same allowance through [`charge`], unless the number is already on
+//! the asker's roster: otherwise those answers would be an unthrottled
+//! discovery service.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,6 +32,7 @@ use std::time::{Duration, Instant};
 use crate::c2s::session::Session;
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, phone};
+use crate::server::Server;
 
 pub const NS: &str = "urn:chatd:discovery:0";
 
@@ -52,6 +60,17 @@ impl Throttle {
         e.1 += n;
         true
     }
+}
+
+/// Takes one lookup from `asker`'s hourly allowance for learning
+/// something about `target`; free for the asker itself and its roster
+/// contacts. False when the allowance is spent: the caller then answers
+/// in a way that tells nothing about `target`.
+pub fn charge(srv: &Server, asker: &str, target: &str) -> bool {
+    if asker == target || super::privacy::is_contact(srv, asker, target) {
+        return true;
+    }
+    srv.discovery.take(asker, 1, srv.cfg.discovery.max_per_hour)
 }
 
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {

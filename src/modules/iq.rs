@@ -30,7 +30,13 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
         if for_server {
             super::sm::iq_response(s, &iq);
         } else if let Some(j) = &to {
-            forward(s, &iq, j);
+            // Nothing from (or to) a blocked account gets through, answers
+            // included.
+            let blocked = j.domain == domain
+                && j.local.as_deref().is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
+            if !blocked {
+                forward(s, &iq, j);
+            }
         }
         return;
     }
@@ -73,6 +79,14 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
         return;
     }
     let Some(j) = to else { return };
+    // Every answer below says something about whether the account exists
+    // or is online: it costs the asker one contact-discovery lookup.
+    if let Some(l) = j.local.as_deref()
+        && !super::discovery::charge(&s.srv, &s.local, l)
+    {
+        s.reply_error(&iq, StanzaError::ResourceConstraint);
+        return;
+    }
     if let Some(l) = j.local.as_deref()
         && super::privacy::blocked_between(&s.srv, &s.local, l)
     {
@@ -102,6 +116,17 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
             }
             _ => s.reply_error(&iq, StanzaError::ServiceUnavailable),
         }
+        return;
+    }
+    // A device's presence is only revealed to those allowed to see it:
+    // for anyone else the answer is the same whether it is online or not.
+    if let Some(l) = j.local.as_deref()
+        && !super::privacy::may_see(&s.srv, l, &s.local)
+    {
+        let mut e = crate::protocol::stanza::error_reply(&iq, StanzaError::ServiceUnavailable, None);
+        e.set_attr("to", s.jid.to_string());
+        e.set_attr("from", j.to_string());
+        s.send(&e);
         return;
     }
     forward(s, &iq, &j);

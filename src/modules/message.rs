@@ -78,7 +78,7 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
         }
         if super::privacy::policy(&srv, l).blocks(&s.bare().to_string()) {
             // Indistinguishable from a number that is not registered.
-            if typ != "error" {
+            if typ != "error" && super::discovery::charge(&srv, &s.local, l) {
                 s.reply_error(&m, StanzaError::ServiceUnavailable);
             }
             return;
@@ -95,7 +95,12 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
             super::carbons::received(&s.srv, &to, &original);
         }
         Err(e) => {
-            if typ != "error" {
+            // "Not registered" answers draw on the contact-discovery
+            // allowance; once it is spent they are not sent, so the
+            // answer no longer tells registered numbers apart.
+            let unknown = e == StanzaError::ServiceUnavailable;
+            let local = to.local.as_deref().unwrap_or("");
+            if typ != "error" && (!unknown || super::discovery::charge(&s.srv, &s.local, local)) {
                 s.reply_error(&original, e);
             }
         }

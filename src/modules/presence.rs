@@ -34,8 +34,11 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
             let t = t.to_string();
             let blocked = to.local.as_deref().is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
             // A blocked pair cannot start a subscription; ending one is
-            // always allowed.
-            if !blocked || t.starts_with("un") {
+            // always allowed. Asking a stranger costs a contact-discovery
+            // lookup, like any other question about a number.
+            let allowed =
+                t != "subscribe" || to.local.as_deref().is_none_or(|l| super::discovery::charge(&s.srv, &s.local, l));
+            if (!blocked || t.starts_with("un")) && allowed {
                 subscription(s, &t, &to.bare());
             }
         }

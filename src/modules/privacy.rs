@@ -9,13 +9,21 @@
 //! - `nobody`: last-seen queries are refused and presence is only shared
 //!   between the owner's own devices.
 //!
-//! Clients read and change it with an iq in `urn:chatd:privacy:0`:
-//! `<iq type='get'><privacy xmlns='urn:chatd:privacy:0'/></iq>` returns
-//! `<privacy xmlns='urn:chatd:privacy:0' visibility='contacts'/>`; an iq of
-//! type `set` with the same element and a new `visibility` changes it.
+//! A second setting, `groups`, says who may add the account to a group
+//! (WhatsApp's "who can add me to groups"), with the same three values:
+//! anyone else sends an XEP-0249 invitation the account may accept or
+//! ignore (see [`super::groups`]).
 //!
-//! The block list and the setting are cached in the account's registry
-//! entry, so the message path checks them without touching storage.
+//! Clients read and change both with an iq in `urn:chatd:privacy:0`:
+//! `<iq type='get'><privacy xmlns='urn:chatd:privacy:0'/></iq>` returns
+//! `<privacy xmlns='urn:chatd:privacy:0' visibility='contacts' groups='everyone'/>`;
+//! an iq of type `set` with the same element changes the attributes it
+//! carries.
+//!
+//! The block list and the settings are cached in the account's registry
+//! entry, so the message path checks them without touching storage. Only
+//! accounts that exist get an entry: asking about any other name costs no
+//! memory (it has the default policy and nothing is kept).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -63,6 +71,8 @@ pub struct Policy {
     /// Bare JIDs (or domains) the account blocked.
     pub blocked: HashSet<String>,
     pub visibility: Visibility,
+    /// Who may add the account to a group without an invitation.
+    pub group_adds: Visibility,
 }
 
 impl Policy {
@@ -81,6 +91,7 @@ impl Policy {
 
 const BLOCKLIST: &str = "blocklist";
 const VISIBILITY: &str = "visibility";
+const GROUP_ADDS: &str = "group_adds";
 pub const LAST_SEEN: &str = "last_seen";
 
 fn load(srv: &Server, local: &str) -> Policy {
@@ -95,19 +106,27 @@ fn load(srv: &Server, local: &str) -> Policy {
     {
         p.visibility = vis;
     }
+    if let Ok(Some(v)) = srv.stores.settings.get_setting(local, GROUP_ADDS)
+        && let Ok(vis) = serde_json::from_slice::<Visibility>(&v)
+    {
+        p.group_adds = vis;
+    }
     p
 }
 
-/// The policy of `local` (cached in the registry).
+/// The policy of `local`, cached in the registry for existing accounts.
+/// A name that is not an account gets the default policy and leaves no
+/// trace: anyone can make up names, so caching them would let strangers
+/// grow the server's memory without bound.
 pub fn policy(srv: &Server, local: &str) -> Arc<Policy> {
-    srv.registry.with(local, |e| {
-        if let Some(p) = &e.policy {
-            return p.clone();
-        }
-        let p = Arc::new(load(srv, local));
-        e.policy = Some(p.clone());
-        p
-    })
+    if let Some(Some(p)) = srv.registry.peek(local, |e| e.policy.clone()) {
+        return p;
+    }
+    if !srv.router.account_exists(local) {
+        return Arc::new(Policy::default());
+    }
+    let loaded = Arc::new(load(srv, local));
+    srv.registry.with(local, |e| e.policy.get_or_insert(loaded).clone())
 }
 
 /// Stores and caches a new policy.
@@ -116,7 +135,8 @@ pub fn save(srv: &Server, local: &str, p: Policy) {
     list.sort();
     let r1 = srv.stores.settings.put_setting(local, BLOCKLIST, &serde_json::to_vec(&list).unwrap_or_default());
     let r2 = srv.stores.settings.put_setting(local, VISIBILITY, &serde_json::to_vec(&p.visibility).unwrap_or_default());
-    if let Err(e) = r1.and(r2) {
+    let r3 = srv.stores.settings.put_setting(local, GROUP_ADDS, &serde_json::to_vec(&p.group_adds).unwrap_or_default());
+    if let Err(e) = r1.and(r2).and(r3) {
         tracing::error!(account = local, error = %e, "saving privacy settings failed");
     }
     let p = Arc::new(p);
@@ -130,6 +150,20 @@ pub fn blocked_between(srv: &Server, a_local: &str, b_local: &str) -> bool {
     policy(srv, a_local).blocks(&format!("{b_local}@{d}")) || policy(srv, b_local).blocks(&format!("{a_local}@{d}"))
 }
 
+/// Whether `other` is a visible item of `owner`'s roster.
+pub fn is_contact(srv: &Server, owner: &str, other: &str) -> bool {
+    let bare = format!("{other}@{}", srv.domain());
+    matches!(srv.stores.roster.roster_item(owner, &bare), Ok(Some(i)) if !i.hidden)
+}
+
+fn allows(srv: &Server, owner: &str, other: &str, setting: Visibility) -> bool {
+    match setting {
+        Visibility::Everyone => true,
+        Visibility::Nobody => false,
+        Visibility::Contacts => is_contact(srv, owner, other),
+    }
+}
+
 /// Whether `viewer` may see `owner`'s last seen and presence.
 pub fn may_see(srv: &Server, owner: &str, viewer: &str) -> bool {
     if owner == viewer {
@@ -138,14 +172,19 @@ pub fn may_see(srv: &Server, owner: &str, viewer: &str) -> bool {
     if blocked_between(srv, owner, viewer) {
         return false;
     }
-    match policy(srv, owner).visibility {
-        Visibility::Everyone => true,
-        Visibility::Nobody => false,
-        Visibility::Contacts => {
-            let viewer_bare = format!("{viewer}@{}", srv.domain());
-            matches!(srv.stores.roster.roster_item(owner, &viewer_bare), Ok(Some(i)) if !i.hidden)
-        }
+    allows(srv, owner, viewer, policy(srv, owner).visibility)
+}
+
+/// Whether `adder` may put `owner` into a group without an invitation
+/// (never when either blocked the other).
+pub fn may_add_to_group(srv: &Server, owner: &str, adder: &str) -> bool {
+    if owner == adder {
+        return true;
     }
+    if blocked_between(srv, owner, adder) {
+        return false;
+    }
+    allows(srv, owner, adder, policy(srv, owner).group_adds)
 }
 
 /// `urn:chatd:privacy:0` get/set.
@@ -154,12 +193,21 @@ pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
     match iq.attr("type") {
         Some("get") => {}
         Some("set") => {
-            let Some(v) = q.attr("visibility").and_then(Visibility::parse) else {
-                s.reply_error(iq, StanzaError::BadRequest);
-                return;
+            let parse = |name: &str| q.attr(name).map(|v| Visibility::parse(v).ok_or(()));
+            let (vis, adds) = match (parse("visibility"), parse("groups")) {
+                (None, None) | (Some(Err(())), _) | (_, Some(Err(()))) => {
+                    s.reply_error(iq, StanzaError::BadRequest);
+                    return;
+                }
+                (v, a) => (v.and_then(Result::ok), a.and_then(Result::ok)),
             };
             let mut p = (*policy(&srv, &s.local)).clone();
-            p.visibility = v;
+            if let Some(v) = vis {
+                p.visibility = v;
+            }
+            if let Some(a) = adds {
+                p.group_adds = a;
+            }
             save(&srv, &s.local, p);
         }
         _ => {
@@ -171,7 +219,11 @@ pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
     let mut r = iq_result(iq);
     r.set_attr("to", s.jid.to_string());
     r.remove_attr("from");
-    r.push(Element::new("privacy", NS).with_attr("visibility", p.visibility.as_str()));
+    r.push(
+        Element::new("privacy", NS)
+            .with_attr("visibility", p.visibility.as_str())
+            .with_attr("groups", p.group_adds.as_str()),
+    );
     s.send(&r);
 }
 

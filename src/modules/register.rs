@@ -15,6 +15,7 @@ use crate::protocol::element::escape;
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};
 use crate::protocol::{Element, phone};
 use crate::server::Server;
+use crate::session::{CloseReason, Outbound};
 
 pub const NS: &str = "jabber:iq:register";
 pub const FEATURE: &str = "http://jabber.org/features/iq-register";
@@ -131,6 +132,14 @@ pub fn post_auth(s: &mut Session, iq: &Element, q: &Element) {
         Request::Put { users: vec![(s.local.clone(), rec)], replace: true, must_exist: true },
     );
     if resp.ok {
+        s.max_ticket = s.max_ticket.max(resp.ticket);
+        // Every other session (parked ones included) authenticated with
+        // the old password: it ends. This one proved it just now.
+        for h in srv.registry.sessions(&s.local) {
+            if h.id != s.id {
+                let _ = h.tx.try_send(Outbound::Close(CloseReason::AccountGone));
+            }
+        }
         let mut r = iq_result(iq);
         r.set_attr("to", s.jid.to_string());
         r.remove_attr("from");

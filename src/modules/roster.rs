@@ -47,13 +47,26 @@ pub fn push(srv: &Arc<Server>, owner: &str, item: &Element) {
     }
 }
 
+/// Whether `owner`'s roster has room for one more item
+/// (`roster.max_items`, pending subscription requests included: they are
+/// items too, and strangers create them).
+pub fn has_room(srv: &Server, owner: &str) -> bool {
+    srv.stores.roster.roster(owner).map(|v| v.len() < srv.cfg.roster.max_items).unwrap_or(false)
+}
+
 /// Saves an item (deleting it when it carries no state) and pushes it.
-pub fn save(srv: &Arc<Server>, owner: &str, item: &RosterItem) {
+/// Returns false, saving nothing, when the item is new and the roster is
+/// full.
+pub fn save(srv: &Arc<Server>, owner: &str, item: &RosterItem) -> bool {
     let empty = item.hidden
         && item.subscription == crate::storage::Subscription::None
         && !item.ask
         && !item.pending_in
         && !item.approved;
+    if !empty && matches!(srv.stores.roster.roster_item(owner, &item.jid), Ok(None)) && !has_room(srv, owner) {
+        tracing::debug!(owner, "roster full");
+        return false;
+    }
     let r = if empty {
         srv.stores.roster.remove_roster_item(owner, &item.jid)
     } else {
@@ -65,6 +78,7 @@ pub fn save(srv: &Arc<Server>, owner: &str, item: &RosterItem) {
     if !item.hidden {
         push(srv, owner, &item_element(item));
     }
+    true
 }
 
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
@@ -145,7 +159,10 @@ fn set(s: &mut Session, iq: &Element, q: &Element) {
             return;
         }
         item.groups = groups;
-        save(&s.srv, &s.local, &item);
+        if !save(&s.srv, &s.local, &item) {
+            s.reply_error(iq, StanzaError::ResourceConstraint);
+            return;
+        }
     }
     let mut r = iq_result(iq);
     r.set_attr("to", s.jid.to_string());

@@ -326,6 +326,10 @@ pub struct Group {
     pub created_ms: u64,
     /// In join order; the creator first.
     pub members: Vec<GroupMember>,
+    /// Accounts invited (XEP-0249) because they may not be added
+    /// directly; an invitation becomes membership when accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invited: Vec<String>,
 }
 
 impl Group {
