@@ -88,7 +88,10 @@ struct LogGateway {
 
 impl Gateway for LogGateway {
     fn send(&self, phone: &str, code: &str, method: &str) {
-        tracing::info!(phone, code, method, "registration code (log gateway)");
+        // The code is a credential: only debug logs may carry it; the
+        // outbox file (0600) is where a bridge or a developer reads it.
+        tracing::debug!(phone, code, method, "registration code (log gateway)");
+        tracing::info!(phone, method, "registration code written to the sms outbox");
         let _g = self.lock.lock();
         let r = std::fs::OpenOptions::new()
             .create(true)
