@@ -201,11 +201,8 @@ where
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(timeout)
         .max_header_list_size(64 * 1024);
-    let act = Arc::new(Activity {
-        born: std::time::Instant::now(),
-        active: Default::default(),
-        last_ms: Default::default(),
-    });
+    let act =
+        Arc::new(Activity { born: std::time::Instant::now(), active: Default::default(), last_ms: Default::default() });
     let app = app.layer(axum::middleware::from_fn_with_state(act.clone(), track));
     let conn = b.serve_connection(io, TowerToHyperService::new(app));
     tokio::pin!(conn);
