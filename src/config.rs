@@ -30,6 +30,7 @@ pub struct Config {
     pub profile: Profile,
     pub registration: Registration,
     pub sms: crate::api::sms::SmsConfig,
+    pub api: crate::api::ApiConfig,
     pub groups: Groups,
 }
 
@@ -196,6 +197,7 @@ impl Default for Config {
             profile: Profile::default(),
             registration: Registration::default(),
             sms: Default::default(),
+            api: Default::default(),
             groups: Groups::default(),
         }
     }

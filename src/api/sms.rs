@@ -37,8 +37,11 @@ pub struct SmsConfig {
     pub resend_secs: u64,
     /// Codes one number may request per hour.
     pub per_phone_per_hour: usize,
-    /// Code requests one client IP may make per hour.
+    /// Code requests one client IP (IPv6: one /64) may make per hour.
     pub per_ip_per_hour: usize,
+    /// Codes the whole server may send per hour, whoever asks: the cap on
+    /// what SMS pumping can cost.
+    pub global_per_hour: usize,
 }
 
 impl Default for SmsConfig {
@@ -53,6 +56,7 @@ impl Default for SmsConfig {
             resend_secs: 60,
             per_phone_per_hour: 5,
             per_ip_per_hour: 20,
+            global_per_hour: 1000,
         }
     }
 }
