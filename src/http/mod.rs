@@ -169,24 +169,54 @@ impl Activity {
     }
 }
 
-/// Marks a request in flight until its handler has answered.
+/// Ends a request's "in flight" mark when dropped.
+struct Done(Arc<Activity>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request marked in flight until it has
+/// been sent (or abandoned): a long download is not idleness.
+struct Tracked {
+    inner: axum::body::Body,
+    _done: Done,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Marks a request in flight from its arrival until its response body is
+/// sent.
 async fn track(
     axum::extract::State(act): axum::extract::State<Arc<Activity>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use std::sync::atomic::Ordering::Relaxed;
-    act.active.fetch_add(1, Relaxed);
+    act.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     act.touch();
-    struct Done(Arc<Activity>);
-    impl Drop for Done {
-        fn drop(&mut self) {
-            self.0.touch();
-            self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    let _done = Done(act);
-    next.run(req).await
+    let done = Done(act);
+    next.run(req).await.map(|inner| axum::body::Body::new(Tracked { inner, _done: done }))
 }
 
 async fn serve_io<I>(io: I, app: Router, timeout: Duration, idle: Duration) -> anyhow::Result<()>
@@ -212,15 +242,30 @@ where
             r = conn.as_mut() => return r.map_err(|e| anyhow::anyhow!("{e}")),
             _ = tick.tick() => {
                 if act.idle_for().is_some_and(|d| d >= idle) {
-                    // GOAWAY / Connection: close; a response still being
-                    // streamed finishes (its body has its own deadlines).
+                    // HTTP/2 GOAWAY, HTTP/1 close. Nothing is in flight,
+                    // so the goodbye gets a short grace: a peer that does
+                    // not answer it (an HTTP/2 client ignoring the
+                    // shutdown ping) does not hold the connection.
                     conn.as_mut().graceful_shutdown();
                     break;
                 }
             }
         }
     }
-    conn.await.map_err(|e| anyhow::anyhow!("{e}"))
+    let grace = timeout.min(Duration::from_secs(5));
+    let shut = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r.map_err(|e| anyhow::anyhow!("{e}")),
+            _ = tick.tick() => {
+                // A request that slipped in just before the goodbye runs
+                // to its end (its body has its own deadlines).
+                if shut.elapsed() >= grace && act.idle_for().is_some() {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// Starts the HTTP side of a node: binds `listen.http` (printing
