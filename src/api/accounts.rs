@@ -169,7 +169,7 @@ async fn request_code(
     // Last, so requests refused above do not spend the budget.
     if let Err(r) = api.global.take(&(), api.cfg.global_per_hour, now) {
         // One line per minute at most: the refusals are driven by strangers.
-        let min = u64::try_from(now.saturating_duration_since(api.born).as_secs() / 60).unwrap_or(0) + 1;
+        let min = now.saturating_duration_since(api.born).as_secs() / 60 + 1;
         if api.budget_warned.swap(min, std::sync::atomic::Ordering::Relaxed) != min {
             tracing::warn!(budget = api.cfg.global_per_hour, "global SMS budget for this hour exhausted");
         }
