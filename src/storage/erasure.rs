@@ -16,13 +16,15 @@
 //! in tables is noise, and the key's bytes are gone from the data
 //! directory at once (the next group commit makes the overwrite durable).
 //! The cost is one 32-byte `pwrite` per stored and per deleted message and
-//! one extra `fdatasync` per group commit; nothing is ever rewritten in
+//! one `fdatasync` per group commit, beside the journal's; nothing is ever rewritten in
 //! bulk, however large the queues are.
 //!
 //! ## Crash rules
 //! - A key is written before the record that uses it is committed, and the
-//!   syncer syncs this file before the journal, so a record whose ticket is
-//!   durable always has its key on disk.
+//!   syncer publishes a ticket only after both this file and the journal
+//!   are synced, so a record whose ticket is durable always has its key on
+//!   disk. (A record the journal made durable before its key was never
+//!   acked; it fails to decrypt and is dropped at the next open.)
 //! - A slot is zeroed only after the record's tombstone is committed, and
 //!   reused only after that. If a crash loses the tombstone, the record
 //!   comes back with a zeroed or foreign key: it cannot be decrypted, which
@@ -219,10 +221,32 @@ impl MessageKeys {
         Ok(())
     }
 
+    /// Zeroes and frees a slot whose records were all found undecryptable
+    /// at open (a crash left a stale key in it). Only for use before the
+    /// store serves anyone.
+    ///
+    /// # Errors
+    /// IO errors writing the zeros.
+    pub fn reclaim(&self, slot: u64) -> Result<()> {
+        let mut s = self.slots.lock().map_err(|_| StoreError::Closed)?;
+        if slot >= s.len || s.free.contains(&slot) {
+            return Ok(());
+        }
+        self.file.write_all_at(&[0u8; SLOT as usize], slot * SLOT).map_err(io)?;
+        self.dirty.store(true, Ordering::Release);
+        s.free.push(slot);
+        Ok(())
+    }
+
     fn release(&self, slot: u64) {
         if let Ok(mut s) = self.slots.lock() {
             s.free.push(slot);
         }
+    }
+
+    /// Whether keys were written or erased since the last sync.
+    pub fn needs_sync(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
     }
 
     /// Makes every key written or erased so far durable (no-op when

@@ -188,17 +188,27 @@ fn open_message_keys(dir: &Path, offline: &Keyspace) -> Result<MessageKeys> {
     }
     let keys = MessageKeys::open(&dir.join("message-keys"), used)?;
     let mut dead = Vec::new();
+    let mut live = std::collections::HashSet::new();
     for g in offline.iter() {
         let (k, v) = g.into_inner().map_err(eng)?;
+        let slot = super::erasure::slot_of(&v);
         if matches!(keys.open_value(&v)?, Opened::Erased) {
-            dead.push(k);
+            dead.push((k, slot));
+        } else {
+            live.extend(slot);
         }
     }
     if !dead.is_empty() {
         tracing::info!(records = dead.len(), "dropping stored messages whose keys were erased before a restart");
-        for k in dead {
+        for (k, slot) in dead {
             offline.remove(k).map_err(eng)?;
+            // A slot only dead records point at may hold the stale key of
+            // an erased message whose tombstone outlived its key's erasure.
+            if let Some(s) = slot.filter(|s| !live.contains(s)) {
+                keys.reclaim(s)?;
+            }
         }
+        keys.sync().map_err(|e| StoreError::Engine(format!("message keys: {e}")))?;
     }
     Ok(keys)
 }
@@ -262,13 +272,22 @@ fn syncer(
         }
         let target = sync.issued.load(Ordering::Acquire);
         if target != synced {
-            // Keys first: a record made durable by this round's journal
-            // sync then always finds its key on disk.
-            if let Err(e) = keys.sync() {
+            // The message keys and the journal are flushed side by side
+            // (two disks' worth of latency would otherwise add up), and
+            // `target` is published only once both are durable: every
+            // record up to it then finds its key on disk. A record the
+            // journal made durable without its key was never acked; it
+            // cannot be decrypted and is dropped at the next open.
+            let keys_synced = std::thread::scope(|sc| {
+                let k = keys.needs_sync().then(|| sc.spawn(|| keys.sync()));
+                let j = sync_journal(&db, &dir, &mut file);
+                (k.map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("key sync panicked")))), j)
+            });
+            if let (Some(Err(e)), _) = &keys_synced {
                 tracing::error!(error = %e, "message key fsync failed; exiting so the journal is replayed on restart");
                 std::process::exit(70);
             }
-            if let Err(e) = sync_journal(&db, &dir, &mut file) {
+            if let Err(e) = keys_synced.1 {
                 tracing::error!(error = %e, "journal fsync failed; exiting so the journal is replayed on restart");
                 std::process::exit(70);
             }
