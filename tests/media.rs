@@ -882,6 +882,15 @@ fn a_slot_works_once_for_life() {
     let (p, g) = alice.slot("a.jpg", data.len(), "image/jpeg").unwrap();
     assert_eq!(put(&node, &p, &data, "image/jpeg").status, 201);
     assert_eq!(get(&node, &g, &[]).body, data);
+    // Stored private to the server's user: the blob 0600, its ab/cd/ 0700.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let blob = files(&node.fast()).pop().expect("blob");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&blob), 0o600, "{}", blob.display());
+        assert_eq!(mode(blob.parent().unwrap()), 0o700);
+        assert_eq!(mode(blob.parent().unwrap().parent().unwrap()), 0o700);
+    }
     let r = curl(&node, &["-X", "DELETE", &p]);
     assert_eq!(r.status, 204, "{}", r.text());
     assert_eq!(get(&node, &g, &[]).status, 404);
