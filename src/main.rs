@@ -64,19 +64,24 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum UserCmd {
-    /// Create an account.
+    /// Create an account. Without --password the password is read from a
+    /// prompt (no echo) or, when stdin is not a terminal, from its first line.
     Add {
         phone: String,
+        /// For scripts only: other users can see it with `ps`. Prefer the
+        /// prompt or stdin.
         #[arg(long)]
-        password: String,
+        password: Option<String>,
     },
     /// Delete an account and everything stored for it.
     Del { phone: String },
-    /// Change an account's password; its sessions are closed.
+    /// Change an account's password; its sessions are closed. Without
+    /// --password it is read from a prompt (no echo) or stdin.
     Passwd {
         phone: String,
+        /// For scripts only: other users can see it with `ps`.
         #[arg(long)]
-        password: String,
+        password: Option<String>,
     },
     /// List accounts.
     List,
@@ -91,6 +96,9 @@ fn init_tracing() {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before anything can create a file: keys, sockets, the store and the
+    // SMS outbox are born private.
+    chatd::server::restrict_file_modes();
     let cli = Cli::parse();
     init_tracing();
     match run(cli) {
@@ -129,6 +137,7 @@ fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
     match cmd {
         UserCmd::Add { phone, password } => {
             let l = local(cfg, &phone)?;
+            let password = password_or_prompt(password)?;
             check_password(&password)?;
             let rec = make_record(&password, iters, now_ms());
             admin::run(dir, Request::Put { users: vec![(l.clone(), rec)], replace: false, must_exist: false })?;
@@ -141,6 +150,7 @@ fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
         }
         UserCmd::Passwd { phone, password } => {
             let l = local(cfg, &phone)?;
+            let password = password_or_prompt(password)?;
             check_password(&password)?;
             let mut rec = make_record(&password, iters, now_ms());
             rec.key_generation = 1;
@@ -156,6 +166,59 @@ fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
         UserCmd::Import { file } => import(cfg, &file)?,
     }
     Ok(())
+}
+
+/// The password from `--password`, else from the terminal (asked twice,
+/// not echoed), else the first line of stdin (for scripts that must not
+/// put it on a command line, where `ps` shows it).
+fn password_or_prompt(given: Option<String>) -> anyhow::Result<String> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let first = prompt_hidden("Password: ")?;
+        let again = prompt_hidden("Repeat password: ")?;
+        if first != again {
+            bail!("the passwords do not match");
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).context("reading the password from stdin")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// Reads one line from the terminal with echo off, restoring the terminal
+/// afterwards.
+fn prompt_hidden(prompt: &str) -> anyhow::Result<String> {
+    use std::io::Write;
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = std::io::stdin().as_raw_fd();
+        // SAFETY: termios calls on our own stdin with a zeroed, then
+        // filled-in struct.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        let have = unsafe { libc::tcgetattr(fd, &mut saved) } == 0;
+        if have {
+            let mut quiet = saved;
+            quiet.c_lflag &= !libc::ECHO;
+            quiet.c_lflag |= libc::ECHONL;
+            unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+        }
+        let r = std::io::stdin().lock().read_line(&mut line);
+        if have {
+            unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+        }
+        r.context("reading the password")?;
+    }
+    #[cfg(not(unix))]
+    std::io::stdin().lock().read_line(&mut line).context("reading the password")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
 fn check_password(p: &str) -> anyhow::Result<()> {

@@ -134,6 +134,41 @@ pub fn check_plaintext(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes every file and directory this process creates private to its
+/// owner (directories 0700, files 0600) by setting the umask to 077.
+///
+/// It runs first thing in `main`, before any file exists, so there is no
+/// window in which a key, a socket, the store or an SMS outbox is readable
+/// by others (a `chmod` after creation leaves one). An existing data
+/// directory from an older version is tightened to 0700 by
+/// [`secure_data_dir`].
+pub fn restrict_file_modes() {
+    #[cfg(unix)]
+    // SAFETY: umask only swaps the process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Creates the data directory (0700 under [`restrict_file_modes`]), or
+/// tightens an existing one that others could enter.
+///
+/// # Errors
+/// When the directory cannot be created or its mode read.
+pub fn secure_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data directory was open to others; setting 0700");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the server until SIGINT/SIGTERM.
 ///
 /// # Errors
@@ -145,7 +180,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         return serve_media(cfg).await;
     }
     check_plaintext(&cfg)?;
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    secure_data_dir(&cfg.data_dir)?;
     let stores =
         Stores::open_fjall(&cfg.data_dir).with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
     let srv = Server::new(cfg, stores)?;
@@ -199,7 +234,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 /// `--role media`: only the HTTPS media service, no XMPP and no chat
 /// store.
 async fn serve_media(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    secure_data_dir(&cfg.data_dir)?;
     let tls = crate::c2s::tls::server_config(&cfg)?;
     let tasks = crate::http::start(&cfg, &tls, None, Vec::new()).await?;
     {

@@ -82,6 +82,13 @@ impl Node {
                 .unwrap();
             assert!(st.success());
         }
+        Node::launch(dir, args)
+    }
+
+    /// Runs `chatd serve` on an existing node directory (a restart keeps
+    /// its data).
+    fn launch(dir: PathBuf, args: &[&str]) -> Node {
+        let cfg = dir.join("chatd.toml");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
         cmd.args(["serve", "--config"]).arg(&cfg).arg("--data-dir").arg(dir.join("data"));
         let mut all: Vec<&str> = vec!["--allow-plaintext"];
@@ -124,6 +131,15 @@ impl Node {
 
     fn data(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// kill -9, then start again on the same data.
+    fn restart(mut self, args: &[&str]) -> Node {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::take(&mut self.dir);
+        drop(self);
+        Node::launch(dir, args)
     }
 
     fn cert(&self) -> PathBuf {
@@ -855,4 +871,107 @@ fn chat_and_media_roles_run_apart() {
     assert!(!chat.data().join("media").join("fast").exists());
     // A media node speaks no XMPP.
     assert_eq!(media1.c2s, 0);
+}
+
+#[test]
+fn a_slot_works_once_for_life() {
+    let _w = watchdog(90, "once");
+    let node = Node::start("once", "", &[]);
+    let mut alice = Xmpp::login(node.c2s, ALICE);
+    let data = random(JPEG, 20_000);
+    let (p, g) = alice.slot("a.jpg", data.len(), "image/jpeg").unwrap();
+    assert_eq!(put(&node, &p, &data, "image/jpeg").status, 201);
+    assert_eq!(get(&node, &g, &[]).body, data);
+    // Stored private to the server's user: the blob 0600, its ab/cd/ 0700.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let blob = files(&node.fast()).pop().expect("blob");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&blob), 0o600, "{}", blob.display());
+        assert_eq!(mode(blob.parent().unwrap()), 0o700);
+        assert_eq!(mode(blob.parent().unwrap().parent().unwrap()), 0o700);
+    }
+    let r = curl(&node, &["-X", "DELETE", &p]);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(get(&node, &g, &[]).status, 404);
+    // The link already shared must not start serving other bytes.
+    let other = random(JPEG, 20_000);
+    let r = put(&node, &p, &other, "image/jpeg");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(get(&node, &g, &[]).status, 404);
+    // Durably: not even after a kill -9 and restart.
+    let old_port = node.http;
+    let node = node.restart(&[]);
+    let moved = |u: &str| u.replace(&format!(":{old_port}/"), &format!(":{}/", node.http));
+    let (p, g) = (moved(&p), moved(&g));
+    let r = put(&node, &p, &other, "image/jpeg");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(get(&node, &g, &[]).status, 404);
+    assert!(files(&node.fast()).is_empty(), "{:?}", files(&node.fast()));
+}
+
+/// Starts an upload of `total` bytes and sends the first `sent` of them,
+/// leaving it in flight; `finish` sends the rest and returns the status.
+struct InFlight {
+    sock: TcpStream,
+    data: Vec<u8>,
+    sent: usize,
+}
+
+impl InFlight {
+    fn start(port: u16, put_url: &str, data: Vec<u8>, sent: usize) -> InFlight {
+        let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let head = format!(
+            "PUT {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nContent-Type: image/png\r\n\r\n",
+            path_of(put_url),
+            data.len()
+        );
+        sock.write_all(head.as_bytes()).unwrap();
+        sock.write_all(&data[..sent]).unwrap();
+        // Let the server read the headers and reserve.
+        std::thread::sleep(Duration::from_millis(300));
+        InFlight { sock, data, sent }
+    }
+
+    fn finish(mut self) -> u16 {
+        self.sock.write_all(&self.data[self.sent..]).unwrap();
+        self.sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = self.sock.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+}
+
+#[test]
+fn uploads_in_flight_count_against_quota_and_temporary_space() {
+    let _w = watchdog(90, "inflight");
+    let node = Node::start(
+        "inflight",
+        &config("quota_bytes = 1000000\nmax_temp_bytes = 1500000\nidle_timeout_secs = 20\nmin_rate_bytes = 1"),
+        &[],
+    );
+    let mut alice = Xmpp::login(node.c2s, ALICE);
+    let mut bob = Xmpp::login(node.c2s, BOB);
+    let (p1, _) = alice.slot("1.png", 600_000, "image/png").unwrap();
+    let (p2, _) = alice.slot("2.png", 600_000, "image/png").unwrap();
+    let first = InFlight::start(node.http, &p1, random(PNG, 600_000), 100_000);
+    // Alice's second upload would pass her quota once the first lands.
+    let r = put(&node, &p2, &random(PNG, 600_000), "image/png");
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(r.text().contains("quota"), "{}", r.text());
+    // The same slot cannot be uploaded twice at once.
+    let r = put(&node, &p1, &random(PNG, 600_000), "image/png");
+    assert_eq!(r.status, 409, "{}", r.text());
+    // Bob has quota, but 600 KB in flight + 1 MB would pass the global cap.
+    let (pb, _) = bob.slot("b.png", 1_000_000, "image/png").unwrap();
+    let r = put(&node, &pb, &random(PNG, 1_000_000), "image/png");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after").as_deref(), Some("5"));
+    assert_eq!(first.finish(), 201);
+    // Space is released once uploads end.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(put(&node, &pb, &random(PNG, 1_000_000), "image/png").status, 201);
+    let r = put(&node, &p2, &random(PNG, 600_000), "image/png");
+    assert_eq!(r.status, 413, "stored bytes still count: {}", r.text());
+    assert!(files(&node.fast().join("tmp")).is_empty());
 }

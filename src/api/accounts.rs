@@ -13,7 +13,10 @@
 //! Errors are JSON `{"error": CODE, "message": TEXT}` with status 400
 //! (`invalid_phone`, `bad_request`), 401 (`wrong_code`), 410 (`expired`:
 //! no live code, or burnt) and 429 (`rate_limited`, with `Retry-After`).
-//! Requests are limited per number and per client IP.
+//! Requests are limited per number, per client IP (IPv6: per /64; the
+//! client is the TCP peer unless that is one of `api.trusted_proxies`,
+//! see [`super::limit::client_ip`]) and by a global SMS budget per hour.
+//! The limit maps cost O(1) amortised per request ([`super::limit`]).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
@@ -31,6 +34,7 @@ use rand::Rng;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
+use super::limit::{Cidr, Windows, client_ip, client_key};
 use super::sms::{Gateway, SmsConfig};
 use crate::admin::{self, Request};
 use crate::protocol::phone;
@@ -42,33 +46,22 @@ struct Pending {
     attempts: u32,
 }
 
-/// Requests in the current hour window, and when the last one was.
-#[derive(Default)]
-struct Window {
-    start: Option<Instant>,
-    count: usize,
-    last: Option<Instant>,
-}
-
-impl Window {
-    fn roll(&mut self, now: Instant) {
-        if self.start.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(3600)) {
-            self.start = Some(now);
-            self.count = 0;
-        }
-    }
-    fn retry_after(&self, now: Instant) -> u64 {
-        self.start.map(|s| 3600u64.saturating_sub(now.duration_since(s).as_secs())).unwrap_or(0).max(1)
-    }
-}
-
 pub struct AccountsApi {
     srv: Arc<Server>,
     cfg: SmsConfig,
     gateway: Arc<dyn Gateway>,
     pending: Mutex<HashMap<String, Pending>>,
-    by_phone: Mutex<HashMap<String, Window>>,
-    by_ip: Mutex<HashMap<IpAddr, Window>>,
+    /// Size of `pending` at which expired codes are next swept: twice
+    /// what survived the last sweep, so sweeping is O(1) amortised.
+    sweep_at: std::sync::atomic::AtomicUsize,
+    by_phone: Windows<String>,
+    by_ip: Windows<IpAddr>,
+    /// Every code sent, for the global budget (one key).
+    global: Windows<()>,
+    trusted_proxies: Vec<Cidr>,
+    born: Instant,
+    /// The minute (since `born`, plus one) of the last budget warning.
+    budget_warned: std::sync::atomic::AtomicU64,
 }
 
 /// The account routes.
@@ -78,13 +71,25 @@ pub struct AccountsApi {
 pub fn routes(srv: Arc<Server>) -> anyhow::Result<Router> {
     let cfg = srv.cfg.sms.clone();
     let gateway = super::sms::gateway(&cfg, &srv.cfg.data_dir)?;
+    let trusted_proxies = srv
+        .cfg
+        .api
+        .trusted_proxies
+        .iter()
+        .map(|s| Cidr::parse(s).map_err(|e| anyhow::anyhow!("api.trusted_proxies: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let api = Arc::new(AccountsApi {
         srv,
         cfg,
         gateway,
         pending: Mutex::default(),
-        by_phone: Mutex::default(),
-        by_ip: Mutex::default(),
+        sweep_at: std::sync::atomic::AtomicUsize::new(1024),
+        by_phone: Windows::hourly(),
+        by_ip: Windows::hourly(),
+        global: Windows::hourly(),
+        trusted_proxies,
+        born: Instant::now(),
+        budget_warned: Default::default(),
     });
     Ok(Router::new()
         .route("/v1/accounts/code", post(request_code))
@@ -125,6 +130,7 @@ struct RegisterRequest {
 async fn request_code(
     State(api): State<Arc<AccountsApi>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let Ok(req) = serde_json::from_slice::<CodeRequest>(&body) else {
@@ -142,45 +148,40 @@ async fn request_code(
         return error(StatusCode::BAD_REQUEST, "invalid_phone", "not a valid phone number");
     };
     let now = Instant::now();
-    let ip = peer.ip();
-    {
-        let Ok(mut by_ip) = api.by_ip.lock() else {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "");
-        };
-        if by_ip.len() > 100_000 {
-            by_ip.retain(|_, w| w.start.is_some_and(|s| now.duration_since(s) < Duration::from_secs(3600)));
-        }
-        let w = by_ip.entry(ip).or_default();
-        w.roll(now);
-        if w.count >= api.cfg.per_ip_per_hour {
-            return limited(w.retry_after(now));
-        }
-        w.count += 1;
+    let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let ip = client_key(client_ip(peer.ip(), xff, &api.trusted_proxies));
+    if let Err(r) = api.by_ip.take(&ip, api.cfg.per_ip_per_hour, now) {
+        return limited(r.retry_after);
     }
-    {
-        let Ok(mut by_phone) = api.by_phone.lock() else {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "");
-        };
-        if by_phone.len() > 100_000 {
-            by_phone.retain(|_, w| w.start.is_some_and(|s| now.duration_since(s) < Duration::from_secs(3600)));
-        }
-        let w = by_phone.entry(local.clone()).or_default();
-        w.roll(now);
+    let (resend, per_phone) = (api.cfg.resend_secs, api.cfg.per_phone_per_hour);
+    let r = api.by_phone.take_with(&local, now, |w, left| {
         if let Some(last) = w.last {
-            let since = now.duration_since(last).as_secs();
-            if since < api.cfg.resend_secs {
-                return limited(api.cfg.resend_secs - since);
+            let since = now.saturating_duration_since(last).as_secs();
+            if since < resend {
+                return Err(resend - since);
             }
         }
-        if w.count >= api.cfg.per_phone_per_hour {
-            return limited(w.retry_after(now));
+        if w.count >= per_phone { Err(left.as_secs()) } else { Ok(()) }
+    });
+    if let Err(r) = r {
+        return limited(r.retry_after);
+    }
+    // Last, so requests refused above do not spend the budget.
+    if let Err(r) = api.global.take(&(), api.cfg.global_per_hour, now) {
+        // One line per minute at most: the refusals are driven by strangers.
+        let min = now.saturating_duration_since(api.born).as_secs() / 60 + 1;
+        if api.budget_warned.swap(min, std::sync::atomic::Ordering::Relaxed) != min {
+            tracing::warn!(budget = api.cfg.global_per_hour, "global SMS budget for this hour exhausted");
         }
-        w.count += 1;
-        w.last = Some(now);
+        return limited(r.retry_after);
     }
     let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
     if let Ok(mut p) = api.pending.lock() {
-        p.retain(|_, v| now.duration_since(v.issued) < Duration::from_secs(api.cfg.code_ttl_secs));
+        use std::sync::atomic::Ordering::Relaxed;
+        if p.len() >= api.sweep_at.load(Relaxed) {
+            p.retain(|_, v| now.duration_since(v.issued) < Duration::from_secs(api.cfg.code_ttl_secs));
+            api.sweep_at.store((p.len() * 2).max(1024), Relaxed);
+        }
         p.insert(local.clone(), Pending { code: code.clone(), issued: now, attempts: 0 });
     }
     api.gateway.send(&local, &code, method);

@@ -37,8 +37,11 @@ pub struct SmsConfig {
     pub resend_secs: u64,
     /// Codes one number may request per hour.
     pub per_phone_per_hour: usize,
-    /// Code requests one client IP may make per hour.
+    /// Code requests one client IP (IPv6: one /64) may make per hour.
     pub per_ip_per_hour: usize,
+    /// Codes the whole server may send per hour, whoever asks: the cap on
+    /// what SMS pumping can cost.
+    pub global_per_hour: usize,
 }
 
 impl Default for SmsConfig {
@@ -53,6 +56,7 @@ impl Default for SmsConfig {
             resend_secs: 60,
             per_phone_per_hour: 5,
             per_ip_per_hour: 20,
+            global_per_hour: 1000,
         }
     }
 }
@@ -88,7 +92,10 @@ struct LogGateway {
 
 impl Gateway for LogGateway {
     fn send(&self, phone: &str, code: &str, method: &str) {
-        tracing::info!(phone, code, method, "registration code (log gateway)");
+        // The code is a credential: only debug logs may carry it; the
+        // outbox file (0600) is where a bridge or a developer reads it.
+        tracing::debug!(phone, code, method, "registration code (log gateway)");
+        tracing::info!(phone, method, "registration code written to the sms outbox");
         let _g = self.lock.lock();
         let r = std::fs::OpenOptions::new()
             .create(true)

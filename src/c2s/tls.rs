@@ -54,12 +54,13 @@ fn generate(domain: &str, dir: &Path, cert: &Path, key: &Path) -> anyhow::Result
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ck = rcgen::generate_simple_self_signed(vec![domain.to_string()])?;
     std::fs::write(cert, ck.cert.pem())?;
-    std::fs::write(key, ck.signing_key.serialize_pem())?;
+    // Born 0600 (not chmodded afterwards): the key is never readable by
+    // others, not even for an instant.
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600))?;
-    }
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(key)?, ck.signing_key.serialize_pem().as_bytes())?;
     tracing::info!(domain, "generated a self-signed certificate");
     Ok(())
 }

@@ -12,7 +12,11 @@
 //!
 //! Limits: a connection semaphore (`http.max_connections`), a deadline for
 //! the TLS handshake and for each request's headers
-//! (`http.header_timeout_secs`). Handlers bound their own bodies.
+//! (`http.header_timeout_secs`), and an idle deadline
+//! (`http.idle_timeout_secs`): a connection with no request in flight for
+//! that long is shut down gracefully (HTTP/2 GOAWAY, HTTP/1 close). HTTP/2
+//! keep-alive pings alone would keep an idle connection, and its permit,
+//! forever. Handlers bound their own bodies.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,11 +42,14 @@ pub struct HttpConfig {
     /// Seconds allowed for the TLS handshake and for each request's
     /// headers.
     pub header_timeout_secs: u64,
+    /// Seconds a connection (HTTP/1 keep-alive or HTTP/2) may stay open
+    /// with no request in flight before the server closes it.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { max_connections: 4096, header_timeout_secs: 10 }
+        HttpConfig { max_connections: 4096, header_timeout_secs: 10, idle_timeout_secs: 60 }
     }
 }
 
@@ -106,16 +113,23 @@ pub async fn serve(listener: TcpListener, app: Router, transport: Transport, cfg
         // Handlers that rate-limit by client address read it from here.
         let app = app.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer)));
         let transport = transport.clone();
+        let idle = Duration::from_secs(cfg.idle_timeout_secs.max(1));
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = connection(sock, app, &transport, timeout).await {
+            if let Err(e) = connection(sock, app, &transport, timeout, idle).await {
                 tracing::debug!(%peer, error = %e, "http connection ended");
             }
         });
     }
 }
 
-async fn connection(sock: TcpStream, app: Router, t: &Transport, timeout: Duration) -> anyhow::Result<()> {
+async fn connection(
+    sock: TcpStream,
+    app: Router,
+    t: &Transport,
+    timeout: Duration,
+    idle: Duration,
+) -> anyhow::Result<()> {
     let tls = if t.plaintext {
         let mut first = [0u8; 1];
         let n = tokio::time::timeout(timeout, sock.peek(&mut first)).await??;
@@ -125,13 +139,87 @@ async fn connection(sock: TcpStream, app: Router, t: &Transport, timeout: Durati
     };
     if tls {
         let stream = tokio::time::timeout(timeout, t.tls.accept(sock)).await??;
-        serve_io(TokioIo::new(stream), app, timeout).await
+        serve_io(TokioIo::new(stream), app, timeout, idle).await
     } else {
-        serve_io(TokioIo::new(sock), app, timeout).await
+        serve_io(TokioIo::new(sock), app, timeout, idle).await
     }
 }
 
-async fn serve_io<I>(io: I, app: Router, timeout: Duration) -> anyhow::Result<()>
+/// Requests in flight on one connection and when the last one started or
+/// ended: what the idle deadline looks at.
+struct Activity {
+    born: std::time::Instant,
+    active: std::sync::atomic::AtomicUsize,
+    /// Milliseconds after `born`.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.active.load(Relaxed) > 0 {
+            return None;
+        }
+        Some(self.born.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Relaxed))))
+    }
+}
+
+/// Ends a request's "in flight" mark when dropped.
+struct Done(Arc<Activity>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request marked in flight until it has
+/// been sent (or abandoned): a long download is not idleness.
+struct Tracked {
+    inner: axum::body::Body,
+    _done: Done,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Marks a request in flight from its arrival until its response body is
+/// sent.
+async fn track(
+    axum::extract::State(act): axum::extract::State<Arc<Activity>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    act.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    act.touch();
+    let done = Done(act);
+    next.run(req).await.map(|inner| axum::body::Body::new(Tracked { inner, _done: done }))
+}
+
+async fn serve_io<I>(io: I, app: Router, timeout: Duration, idle: Duration) -> anyhow::Result<()>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -143,7 +231,41 @@ where
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(timeout)
         .max_header_list_size(64 * 1024);
-    b.serve_connection(io, TowerToHyperService::new(app)).await.map_err(|e| anyhow::anyhow!("{e}"))
+    let act =
+        Arc::new(Activity { born: std::time::Instant::now(), active: Default::default(), last_ms: Default::default() });
+    let app = app.layer(axum::middleware::from_fn_with_state(act.clone(), track));
+    let conn = b.serve_connection(io, TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval((idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r.map_err(|e| anyhow::anyhow!("{e}")),
+            _ = tick.tick() => {
+                if act.idle_for().is_some_and(|d| d >= idle) {
+                    // HTTP/2 GOAWAY, HTTP/1 close. Nothing is in flight,
+                    // so the goodbye gets a short grace: a peer that does
+                    // not answer it (an HTTP/2 client ignoring the
+                    // shutdown ping) does not hold the connection.
+                    conn.as_mut().graceful_shutdown();
+                    break;
+                }
+            }
+        }
+    }
+    let grace = timeout.min(Duration::from_secs(5));
+    let shut = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r.map_err(|e| anyhow::anyhow!("{e}")),
+            _ = tick.tick() => {
+                // A request that slipped in just before the goodbye runs
+                // to its end (its body has its own deadlines).
+                if shut.elapsed() >= grace && act.idle_for().is_some() {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }
 
 /// Starts the HTTP side of a node: binds `listen.http` (printing

@@ -1,5 +1,7 @@
 //! The media index: references (uploaded slots), blobs with their
-//! reference counts, and bytes held per account.
+//! reference counts, bytes held per account, and the slots ever used
+//! (until their PUT URL expires: a slot works once for life, even after
+//! its upload is deleted).
 //!
 //! Feature code sees the [`MediaIndex`] trait; [`FjallIndex`] keeps it
 //! durably in its own fjall database, [`MemoryIndex`] in maps for tests.
@@ -50,6 +52,9 @@ pub enum Op {
     DelBlob(String),
     /// Bytes held by an account (0 deletes the entry).
     SetUsage(String, u64),
+    /// A slot id was used; remember it until its PUT URL expires (unix
+    /// seconds), so the URL never accepts bytes again.
+    MarkUsed(String, u64),
 }
 
 pub trait MediaIndex: Send + Sync {
@@ -63,6 +68,12 @@ pub trait MediaIndex: Send + Sync {
     /// Ids and records of references uploaded before `cutoff_ms`, oldest
     /// first, at most `limit`.
     fn uploaded_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<(String, RefRecord)>>;
+    /// Whether the slot id was ever used (and its URL has not expired).
+    fn is_used(&self, id: &str) -> Result<bool>;
+    /// Forgets used slots whose URLs expired before `cutoff_secs` (they
+    /// are refused by their signature from then on), at most `limit`;
+    /// returns how many.
+    fn forget_used(&self, cutoff_secs: u64, limit: usize) -> Result<usize>;
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -94,6 +105,8 @@ pub struct FjallIndex {
     blobs: Keyspace,
     usage: Keyspace,
     by_time: Keyspace,
+    used: Keyspace,
+    used_by_expiry: Keyspace,
 }
 
 impl FjallIndex {
@@ -116,6 +129,8 @@ impl FjallIndex {
             blobs: db.keyspace("blobs", opts).map_err(eng)?,
             usage: db.keyspace("usage", opts).map_err(eng)?,
             by_time: db.keyspace("by_time", opts).map_err(eng)?,
+            used: db.keyspace("used", opts).map_err(eng)?,
+            used_by_expiry: db.keyspace("used_by_expiry", opts).map_err(eng)?,
             db,
         })
     }
@@ -156,6 +171,10 @@ impl MediaIndex for FjallIndex {
                 Op::DelBlob(h) => b.remove(&self.blobs, h.as_str()),
                 Op::SetUsage(a, 0) => b.remove(&self.usage, a.as_str()),
                 Op::SetUsage(a, n) => b.insert(&self.usage, a.as_str(), n.to_be_bytes()),
+                Op::MarkUsed(id, exp) => {
+                    b.insert(&self.used, id.as_str(), exp.to_be_bytes());
+                    b.insert(&self.used_by_expiry, time_key(*exp, id), b"");
+                }
             }
         }
         b.commit().map_err(eng)
@@ -183,6 +202,29 @@ impl MediaIndex for FjallIndex {
         }
         Ok(out)
     }
+
+    fn is_used(&self, id: &str) -> Result<bool> {
+        self.used.contains_key(id).map_err(eng)
+    }
+
+    fn forget_used(&self, cutoff_secs: u64, limit: usize) -> Result<usize> {
+        let mut keys = Vec::new();
+        for g in self.used_by_expiry.range(..cutoff_secs.to_be_bytes().to_vec()).take(limit) {
+            keys.push(g.key().map_err(eng)?);
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut b = self.db.batch();
+        for k in &keys {
+            if let Some(id) = k.get(8..) {
+                b.remove(&self.used, id.to_vec());
+            }
+            b.remove(&self.used_by_expiry, k.clone());
+        }
+        b.commit().map_err(eng)?;
+        Ok(keys.len())
+    }
 }
 
 /// In-memory index for tests.
@@ -197,6 +239,8 @@ struct Maps {
     blobs: HashMap<String, BlobRecord>,
     usage: HashMap<String, u64>,
     by_time: BTreeMap<(u64, String), ()>,
+    used: HashMap<String, u64>,
+    used_by_expiry: BTreeMap<(u64, String), ()>,
 }
 
 impl MemoryIndex {
@@ -242,6 +286,10 @@ impl MediaIndex for MemoryIndex {
                 Op::SetUsage(a, n) => {
                     m.usage.insert(a, n);
                 }
+                Op::MarkUsed(id, exp) => {
+                    m.used_by_expiry.insert((exp, id.clone()), ());
+                    m.used.insert(id, exp);
+                }
             }
         }
         Ok(())
@@ -259,6 +307,21 @@ impl MediaIndex for MemoryIndex {
             .filter_map(|(_, id)| m.refs.get(id).map(|r| (id.clone(), r.clone())))
             .take(limit)
             .collect())
+    }
+
+    fn is_used(&self, id: &str) -> Result<bool> {
+        Ok(self.lock()?.used.contains_key(id))
+    }
+
+    fn forget_used(&self, cutoff_secs: u64, limit: usize) -> Result<usize> {
+        let mut m = self.lock()?;
+        let doomed: Vec<(u64, String)> =
+            m.used_by_expiry.keys().take_while(|(e, _)| *e < cutoff_secs).take(limit).cloned().collect();
+        for k in &doomed {
+            m.used_by_expiry.remove(k);
+            m.used.remove(&k.1);
+        }
+        Ok(doomed.len())
     }
 }
 
@@ -292,6 +355,10 @@ mod tests {
         assert_eq!(ix.get_ref("x").unwrap(), None);
         assert_eq!(ix.usage("1555").unwrap(), 0);
         assert_eq!(ix.uploaded_before(u64::MAX, 10).unwrap().len(), 1);
+        ix.apply(&[Op::MarkUsed("x".into(), 100), Op::MarkUsed("z".into(), 200)]).unwrap();
+        assert!(ix.is_used("x").unwrap() && ix.is_used("z").unwrap() && !ix.is_used("y").unwrap());
+        assert_eq!(ix.forget_used(150, 10).unwrap(), 1);
+        assert!(!ix.is_used("x").unwrap() && ix.is_used("z").unwrap());
     }
 
     #[test]

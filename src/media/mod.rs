@@ -60,8 +60,12 @@ pub struct MediaConfig {
     pub bulk_dir: String,
     /// Largest file accepted, in bytes (advertised in disco).
     pub max_file_bytes: u64,
-    /// Bytes of live uploads one account may hold.
+    /// Bytes of live uploads one account may hold, uploads in flight
+    /// included.
     pub quota_bytes: u64,
+    /// Bytes of all uploads in flight together (their temporary files);
+    /// more are refused with 503 until some finish.
+    pub max_temp_bytes: u64,
     /// Days after its upload a file's link expires (fractions allowed).
     pub expiry_days: f64,
     /// Seconds between runs of the media reaper.
@@ -91,6 +95,7 @@ impl Default for MediaConfig {
             bulk_dir: String::new(),
             max_file_bytes: 100 * 1024 * 1024,
             quota_bytes: 2 * 1024 * 1024 * 1024,
+            max_temp_bytes: 1024 * 1024 * 1024,
             expiry_days: 30.0,
             reap_interval_secs: 3600,
             slot_secret: String::new(),

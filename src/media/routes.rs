@@ -179,17 +179,24 @@ fn precheck(m: &Media, id: &str, name: &str, uri: &Uri, headers: &HeaderMap) -> 
             return refuse(StatusCode::BAD_REQUEST, msg);
         }
     }
-    match m.index.get_ref(&slot.id) {
-        Ok(Some(_)) => {
-            return refuse(StatusCode::CONFLICT, "this upload slot has already been used".into());
-        }
-        Ok(None) => {}
-        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e)),
-    }
-    match m.would_exceed_quota(&slot.account, slot.size) {
+    // Once for life: a slot uploaded and then deleted stays used.
+    match m.slot_taken(&slot.id) {
+        Ok(true) => refuse(StatusCode::CONFLICT, "this upload slot has already been used".into()),
         Ok(false) => Ok(slot),
-        Ok(true) => refuse(StatusCode::PAYLOAD_TOO_LARGE, "media quota exceeded for this account".into()),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e)),
+    }
+}
+
+/// The response for a commit or reservation refusal.
+fn commit_refusal(e: CommitError) -> Refuse {
+    match e {
+        CommitError::AlreadyUsed => Refuse(StatusCode::CONFLICT, "this upload slot has already been used".into()),
+        CommitError::Busy => Refuse(StatusCode::CONFLICT, "this upload slot is being uploaded".into()),
+        CommitError::Quota => Refuse(StatusCode::PAYLOAD_TOO_LARGE, "media quota exceeded for this account".into()),
+        CommitError::TempFull => {
+            Refuse(StatusCode::SERVICE_UNAVAILABLE, "too many uploads in progress; retry shortly".into())
+        }
+        e => Refuse(StatusCode::INTERNAL_SERVER_ERROR, internal_msg(e)),
     }
 }
 
@@ -220,6 +227,19 @@ async fn upload(
     let slot = match precheck(&m, &id, &name, &uri, &headers) {
         Ok(s) => s,
         Err(r) => return refuse_early(r, &headers, body).await,
+    };
+    // Held until the commit is done: the bytes being received count
+    // against the quota and the temporary-space cap meanwhile.
+    let reservation = match m.reserve(&slot) {
+        Ok(r) => r,
+        Err(e) => {
+            let temp_full = matches!(e, CommitError::TempFull);
+            let mut r = refuse_early(commit_refusal(e), &headers, body).await;
+            if temp_full {
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            return r;
+        }
     };
     let mut body = body;
     let mut reader = Reader::new(&m.cfg, slot.size);
@@ -287,6 +307,7 @@ async fn upload(
     let res = tokio::task::spawn_blocking(move || {
         let r = m2.commit(&slot, tier, &sha, &temp.0);
         drop(temp);
+        drop(reservation);
         r.map(|c| (c, sha))
     })
     .await;
@@ -299,9 +320,7 @@ async fn upload(
             }
             r
         }
-        Ok(Err(CommitError::AlreadyUsed)) => err(StatusCode::CONFLICT, "this upload slot has already been used"),
-        Ok(Err(CommitError::Quota)) => err(StatusCode::PAYLOAD_TOO_LARGE, "media quota exceeded for this account"),
-        Ok(Err(e)) => internal(e),
+        Ok(Err(e)) => commit_refusal(e).into_response(),
         Err(e) => internal(e),
     }
 }

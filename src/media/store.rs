@@ -27,6 +27,10 @@ pub enum CommitError {
     AlreadyUsed,
     #[error("the account's media quota is exhausted")]
     Quota,
+    #[error("temporary space for uploads is exhausted")]
+    TempFull,
+    #[error("this slot is being uploaded")]
+    Busy,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -58,6 +62,42 @@ pub struct Media {
     synced: Mutex<u64>,
     /// Slot signing key.
     pub key: Vec<u8>,
+    /// Uploads in flight (see [`Media::reserve`]).
+    inflight: Mutex<InFlight>,
+}
+
+/// Bytes of uploads not yet committed: per account (they count against
+/// its quota), in total (bounded by `media.max_temp_bytes`), and the slot
+/// ids being uploaded (one upload per slot at a time).
+#[derive(Default)]
+struct InFlight {
+    by_account: HashMap<String, u64>,
+    slots: std::collections::HashSet<String>,
+    total: u64,
+}
+
+/// An upload's claim on quota and temporary space; released when dropped
+/// (after the commit, or when the upload fails or is cut off).
+pub struct Reservation {
+    media: Arc<Media>,
+    account: String,
+    id: String,
+    size: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Ok(mut f) = self.media.inflight.lock() {
+            f.total = f.total.saturating_sub(self.size);
+            f.slots.remove(&self.id);
+            if let Some(a) = f.by_account.get_mut(&self.account) {
+                *a = a.saturating_sub(self.size);
+                if *a == 0 {
+                    f.by_account.remove(&self.account);
+                }
+            }
+        }
+    }
 }
 
 impl Media {
@@ -108,6 +148,7 @@ impl Media {
             applied: AtomicU64::new(0),
             synced: Mutex::new(0),
             key,
+            inflight: Mutex::default(),
         })
     }
 
@@ -154,12 +195,52 @@ impl Media {
         self.stripes[i % STRIPES].lock().map_err(|_| StoreError::Closed)
     }
 
-    /// Whether `size` more bytes would take `account` over its quota.
+    /// Whether `size` more bytes would take `account` over its quota,
+    /// counting its uploads in flight.
     ///
     /// # Errors
     /// Index read failure.
     pub fn would_exceed_quota(&self, account: &str, size: u64) -> Result<bool, StoreError> {
-        Ok(self.index.usage(account)?.saturating_add(size) > self.cfg.quota_bytes)
+        let pending =
+            self.inflight.lock().map_err(|_| StoreError::Closed)?.by_account.get(account).copied().unwrap_or(0);
+        Ok(self.index.usage(account)?.saturating_add(pending).saturating_add(size) > self.cfg.quota_bytes)
+    }
+
+    /// Whether the slot was ever used: uploaded (even if deleted since) or
+    /// recorded as used until its URL expires.
+    ///
+    /// # Errors
+    /// Index read failure.
+    pub fn slot_taken(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.index.get_ref(id)?.is_some() || self.index.is_used(id)?)
+    }
+
+    /// Claims quota and temporary space for an upload about to be read:
+    /// refused when the account's stored plus in-flight bytes would pass
+    /// its quota, when all uploads in flight would pass
+    /// `media.max_temp_bytes`, or when the same slot is already being
+    /// uploaded.
+    ///
+    /// # Errors
+    /// [`CommitError::Quota`], [`CommitError::TempFull`],
+    /// [`CommitError::Busy`], or an index failure.
+    pub fn reserve(self: &Arc<Self>, slot: &Slot) -> Result<Reservation, CommitError> {
+        let usage = self.index.usage(&slot.account)?;
+        let mut f = self.inflight.lock().map_err(|_| StoreError::Closed)?;
+        if f.slots.contains(&slot.id) {
+            return Err(CommitError::Busy);
+        }
+        let mine = f.by_account.get(&slot.account).copied().unwrap_or(0);
+        if usage.saturating_add(mine).saturating_add(slot.size) > self.cfg.quota_bytes {
+            return Err(CommitError::Quota);
+        }
+        if f.total.saturating_add(slot.size) > self.cfg.max_temp_bytes {
+            return Err(CommitError::TempFull);
+        }
+        f.total += slot.size;
+        *f.by_account.entry(slot.account.clone()).or_default() += slot.size;
+        f.slots.insert(slot.id.clone());
+        Ok(Reservation { media: self.clone(), account: slot.account.clone(), id: slot.id.clone(), size: slot.size })
     }
 
     /// The reference `id` and the file holding its content.
@@ -189,7 +270,7 @@ impl Media {
         let _s = self.stripe(stripe_of(sha256))?;
         let quick = {
             let _g = self.guard()?;
-            if self.index.get_ref(&slot.id)?.is_some() {
+            if self.slot_taken(&slot.id)? {
                 Some(CommitError::AlreadyUsed)
             } else if self.index.usage(&slot.account)?.saturating_add(slot.size) > self.cfg.quota_bytes {
                 Some(CommitError::Quota)
@@ -208,7 +289,7 @@ impl Media {
         if existing.is_none() {
             let dest = self.blob_path(tier, sha256);
             let parent = dest.parent().unwrap_or(self.dir(tier)).to_path_buf();
-            std::fs::create_dir_all(&parent)?;
+            create_dirs_durably(self.dir(tier), &parent)?;
             std::fs::rename(temp, &dest)?;
             // The rename is durable before any record names the file.
             sync_dir(&parent);
@@ -218,7 +299,7 @@ impl Media {
         let outcome = {
             let _g = self.guard()?;
             let usage = self.index.usage(&slot.account)?;
-            if self.index.get_ref(&slot.id)?.is_some() {
+            if self.slot_taken(&slot.id)? {
                 Err(CommitError::AlreadyUsed)
             } else if usage.saturating_add(slot.size) > self.cfg.quota_bytes {
                 Err(CommitError::Quota)
@@ -245,6 +326,7 @@ impl Media {
                 };
                 self.index
                     .apply(&[
+                        Op::MarkUsed(slot.id.clone(), slot.expires),
                         Op::PutRef(slot.id.clone(), r),
                         Op::PutBlob(sha256.to_string(), blob),
                         Op::SetUsage(slot.account.clone(), usage.saturating_add(slot.size)),
@@ -363,6 +445,10 @@ impl Media {
     /// # Errors
     /// Index failure.
     pub fn expire(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        // Used slots whose URLs have expired are refused by their
+        // signature; their records can go.
+        let now_secs = super::now_ms() / 1000;
+        while self.index.forget_used(now_secs, 1000)? > 0 {}
         let mut total = 0;
         loop {
             let batch: Vec<String> =
@@ -373,6 +459,36 @@ impl Media {
             total += self.release(&batch)?;
         }
     }
+}
+
+/// Creates `dir` and any missing parents below `root` (which exists),
+/// fsyncing each new directory's parent so the new entry survives a
+/// crash, as the rename of a blob into it does. Returns the directories
+/// it synced.
+fn create_dirs_durably(root: &Path, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while d != root && !d.is_dir() {
+        missing.push(d.to_path_buf());
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    let mut synced = Vec::new();
+    for m in missing.iter().rev() {
+        match std::fs::create_dir(m) {
+            Ok(()) => {}
+            // Another upload created it meanwhile; it syncs the parent.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        if let Some(p) = m.parent() {
+            std::fs::File::open(p)?.sync_all()?;
+            synced.push(p.to_path_buf());
+        }
+    }
+    Ok(synced)
 }
 
 fn sync_dir(dir: &Path) {
@@ -411,6 +527,21 @@ mod tests {
         let p = m.temp_path(tier);
         std::fs::write(&p, data).unwrap();
         p
+    }
+
+    #[test]
+    fn new_blob_directories_are_synced_into_their_parents() {
+        let root = std::env::temp_dir().join(format!("chatd-media-dirs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let leaf = root.join("ab").join("cd");
+        let synced = create_dirs_durably(&root, &leaf).unwrap();
+        assert!(leaf.is_dir());
+        assert_eq!(synced, vec![root.clone(), root.join("ab")], "each new entry's directory is fsynced");
+        assert!(create_dirs_durably(&root, &leaf).unwrap().is_empty(), "nothing new, nothing to sync");
+        let synced = create_dirs_durably(&root, &root.join("ab").join("ef")).unwrap();
+        assert_eq!(synced, vec![root.join("ab")]);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

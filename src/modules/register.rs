@@ -4,10 +4,7 @@
 //! password or remove its account, which erases everything stored for it.
 //! Registrations are limited per client IP per hour.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use crate::admin::{self, Request};
 use crate::c2s::session::Session;
@@ -20,27 +17,8 @@ use crate::session::{CloseReason, Outbound};
 pub const NS: &str = "jabber:iq:register";
 pub const FEATURE: &str = "http://jabber.org/features/iq-register";
 
-/// Registrations per IP in the current hour.
-#[derive(Default)]
-pub struct IpLimit {
-    windows: Mutex<HashMap<IpAddr, (Instant, usize)>>,
-}
-
-impl IpLimit {
-    fn take(&self, ip: IpAddr, max: usize) -> bool {
-        let Ok(mut w) = self.windows.lock() else { return false };
-        let now = Instant::now();
-        let e = w.entry(ip).or_insert((now, 0));
-        if now.duration_since(e.0) >= Duration::from_secs(3600) {
-            *e = (now, 0);
-        }
-        if e.1 >= max {
-            return false;
-        }
-        e.1 += 1;
-        true
-    }
-}
+/// Registrations per client IP (IPv6: per /64) in the current hour.
+pub use crate::api::limit::IpLimit;
 
 fn err(iq: &Element, e: StanzaError, text: &str) -> String {
     error_reply(iq, e, Some(text)).to_xml()

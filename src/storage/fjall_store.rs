@@ -25,6 +25,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
 
 use super::codec::{self, decode_message, encode_message, offline_key, owner_prefix, roster_key, seq_mark_key};
+use super::erasure::{MessageKeys, Opened};
 use super::{
     Durability, Group, GroupStore, OfflineStore, QueueUsage, QueuedMeta, Result, RosterItem, RosterStore,
     SettingsStore, StoreError, StoredMessage, Ticket, UserRecord, UserStore,
@@ -57,6 +58,8 @@ pub struct FjallStore {
     groups: Keyspace,
     group_index: Keyspace,
     meta: Keyspace,
+    /// Per-message keys of the offline queue (see [`super::erasure`]).
+    keys: Arc<MessageKeys>,
     sync: Arc<SyncState>,
     committed: watch::Receiver<Ticket>,
     /// Serialises "commit batch, then issue ticket" so tickets follow
@@ -94,6 +97,7 @@ impl FjallStore {
         let settings = db.keyspace("settings", opts).map_err(eng)?;
         let groups = db.keyspace("groups", opts).map_err(eng)?;
         let group_index = db.keyspace("group_index", opts).map_err(eng)?;
+        let keys = Arc::new(open_message_keys(dir, &offline)?);
         let sync = Arc::new(SyncState {
             issued: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -110,9 +114,10 @@ impl FjallStore {
             let db = db.clone();
             let sync = sync.clone();
             let jdir = dir.join("db");
+            let keys = keys.clone();
             std::thread::Builder::new()
                 .name("chatd-syncer".into())
-                .spawn(move || syncer(db, jdir, sync, tx))
+                .spawn(move || syncer(db, jdir, keys, sync, tx))
                 .map_err(|e| StoreError::Engine(e.to_string()))?
         };
         Ok(FjallStore {
@@ -124,6 +129,7 @@ impl FjallStore {
             groups,
             group_index,
             meta,
+            keys,
             sync,
             committed,
             order: Mutex::new(()),
@@ -150,9 +156,72 @@ impl FjallStore {
         Ok(t)
     }
 
+    /// Encrypts each message under a key of its own (see
+    /// [`super::erasure`]); on failure, keys already written are erased.
+    fn seal_all<'a>(&self, msgs: impl Iterator<Item = &'a StoredMessage>) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for m in msgs {
+            match self.keys.seal(&encode_message(m)) {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    self.erase_all(&out);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Erases the keys of values whose records were just deleted (their
+    /// tombstones are committed). A failure leaves a key behind until the
+    /// next start, which zeroes every unreferenced slot; it is logged.
+    fn erase_all<V: AsRef<[u8]>>(&self, values: &[V]) {
+        for v in values {
+            if let Err(e) = self.keys.erase(v.as_ref()) {
+                tracing::error!(error = %e, "erasing a message key failed");
+            }
+        }
+    }
+
     fn keys_with_prefix(ks: &Keyspace, prefix: &[u8]) -> Result<Vec<fjall::Slice>> {
         ks.prefix(prefix).map(|g| g.key().map_err(eng)).collect()
     }
+}
+
+/// Opens the message-key file next to the database: slots referenced by
+/// stored records are kept, every other one is zeroed; records whose key
+/// is gone (deleted before a crash lost their tombstone) are removed.
+fn open_message_keys(dir: &Path, offline: &Keyspace) -> Result<MessageKeys> {
+    let mut used = Vec::new();
+    for g in offline.iter() {
+        let (_, v) = g.into_inner().map_err(eng)?;
+        used.extend(super::erasure::slot_of(&v));
+    }
+    let keys = MessageKeys::open(&dir.join("message-keys"), used)?;
+    let mut dead = Vec::new();
+    let mut live = std::collections::HashSet::new();
+    for g in offline.iter() {
+        let (k, v) = g.into_inner().map_err(eng)?;
+        let slot = super::erasure::slot_of(&v);
+        if matches!(keys.open_value(&v)?, Opened::Erased) {
+            dead.push((k, slot));
+        } else {
+            live.extend(slot);
+        }
+    }
+    if !dead.is_empty() {
+        tracing::info!(records = dead.len(), "dropping stored messages whose keys were erased before a restart");
+        for (k, slot) in dead {
+            offline.remove(k).map_err(eng)?;
+            // A slot only dead records point at may hold the stale key of
+            // an erased message whose tombstone outlived its key's erasure.
+            if let Some(s) = slot.filter(|s| !live.contains(s)) {
+                keys.reclaim(s)?;
+            }
+        }
+        keys.sync().map_err(|e| StoreError::Engine(format!("message keys: {e}")))?;
+    }
+    Ok(keys)
 }
 
 /// The active journal: the highest-numbered `N.jnl` in the database
@@ -188,7 +257,13 @@ fn sync_journal(db: &Database, dir: &Path, file: &mut Option<(u64, std::fs::File
     db.persist(PersistMode::SyncData)
 }
 
-fn syncer(db: Database, dir: std::path::PathBuf, sync: Arc<SyncState>, tx: watch::Sender<Ticket>) {
+fn syncer(
+    db: Database,
+    dir: std::path::PathBuf,
+    keys: Arc<MessageKeys>,
+    sync: Arc<SyncState>,
+    tx: watch::Sender<Ticket>,
+) {
     let mut synced = 0;
     let mut file = None;
     loop {
@@ -208,7 +283,22 @@ fn syncer(db: Database, dir: std::path::PathBuf, sync: Arc<SyncState>, tx: watch
         }
         let target = sync.issued.load(Ordering::Acquire);
         if target != synced {
-            if let Err(e) = sync_journal(&db, &dir, &mut file) {
+            // The message keys and the journal are flushed side by side
+            // (two disks' worth of latency would otherwise add up), and
+            // `target` is published only once both are durable: every
+            // record up to it then finds its key on disk. A record the
+            // journal made durable without its key was never acked; it
+            // cannot be decrypted and is dropped at the next open.
+            let keys_synced = std::thread::scope(|sc| {
+                let k = keys.needs_sync().then(|| sc.spawn(|| keys.sync()));
+                let j = sync_journal(&db, &dir, &mut file);
+                (k.map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("key sync panicked")))), j)
+            });
+            if let (Some(Err(e)), _) = &keys_synced {
+                tracing::error!(error = %e, "message key fsync failed; exiting so the journal is replayed on restart");
+                std::process::exit(70);
+            }
+            if let Err(e) = keys_synced.1 {
                 tracing::error!(error = %e, "journal fsync failed; exiting so the journal is replayed on restart");
                 std::process::exit(70);
             }
@@ -234,6 +324,7 @@ impl Durability for FjallStore {
         {
             let _ = h.join();
         }
+        let _ = self.keys.sync();
         let _ = self.db.persist(PersistMode::SyncAll);
     }
 }
@@ -296,27 +387,39 @@ impl OfflineStore for FjallStore {
                 None => marks.push((local, *seq)),
             }
         }
-        self.write(|b| {
-            for (local, seq, m) in items {
-                b.insert(&self.offline, offline_key(local, *seq), encode_message(m));
+        let sealed = self.seal_all(items.iter().map(|(_, _, m)| *m))?;
+        let r = self.write(|b| {
+            for ((local, seq, _), v) in items.iter().zip(&sealed) {
+                b.insert(&self.offline, offline_key(local, *seq), v.as_slice());
             }
             for (local, seq) in marks {
                 b.insert(&self.meta, seq_mark_key(local), seq.to_be_bytes());
             }
-        })
+        });
+        if r.is_err() {
+            self.erase_all(&sealed);
+        }
+        r
     }
 
     fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, Vec<QueuedMeta>)> {
         let mut keys = Vec::with_capacity(seqs.len());
         let mut gone = Vec::with_capacity(seqs.len());
+        let mut values = Vec::with_capacity(seqs.len());
         for s in seqs {
             let k = offline_key(local, *s);
             if let Some(v) = self.offline.get(&k).map_err(eng)? {
-                gone.push(match decode_message(&v) {
-                    Ok(m) => QueuedMeta::of(&m),
-                    Err(_) => QueuedMeta { sender: String::new(), bytes: v.len() },
-                });
+                // The queue usage counted the plaintext stanza when it was
+                // pushed; a record whose key is already gone was never
+                // counted (it is dropped at open).
+                if let Ok(Opened::Plain(p)) = self.keys.open_value(&v) {
+                    gone.push(match decode_message(&p) {
+                        Ok(m) => QueuedMeta::of(&m),
+                        Err(_) => QueuedMeta { sender: String::new(), bytes: p.len() },
+                    });
+                }
                 keys.push(k);
+                values.push(v);
             }
         }
         if keys.is_empty() {
@@ -327,6 +430,7 @@ impl OfflineStore for FjallStore {
                 b.remove(&self.offline, k);
             }
         })?;
+        self.erase_all(&values);
         Ok((t, gone))
     }
 
@@ -347,6 +451,7 @@ impl OfflineStore for FjallStore {
         let mut bytes = 0;
         for g in self.offline.range(from..=to) {
             let (k, v) = g.into_inner().map_err(eng)?;
+            let Opened::Plain(v) = self.keys.open_value(&v)? else { continue };
             let m = decode_message(&v)?;
             bytes += m.xml.len();
             out.push((codec::seq_of(&k)?, m));
@@ -370,6 +475,7 @@ impl OfflineStore for FjallStore {
         let mut u = QueueUsage::default();
         for g in self.offline.prefix(owner_prefix(local)) {
             let v = g.value().map_err(eng)?;
+            let Opened::Plain(v) = self.keys.open_value(&v)? else { continue };
             let m = QueuedMeta::of(&decode_message(&v)?);
             u.add(&m.sender, m.bytes);
         }
@@ -377,29 +483,44 @@ impl OfflineStore for FjallStore {
     }
 
     fn clear(&self, local: &str) -> Result<Ticket> {
-        let keys = Self::keys_with_prefix(&self.offline, &owner_prefix(local))?;
-        self.write(|b| {
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for g in self.offline.prefix(owner_prefix(local)) {
+            let (k, v) = g.into_inner().map_err(eng)?;
+            keys.push(k);
+            values.push(v);
+        }
+        let t = self.write(|b| {
             for k in keys {
                 b.remove(&self.offline, k);
             }
-        })
+        })?;
+        self.erase_all(&values);
+        Ok(t)
     }
 
     fn expire(&self, cutoff_ms: u64) -> Result<usize> {
         let mut doomed = Vec::new();
         for g in self.offline.iter() {
             let (k, v) = g.into_inner().map_err(eng)?;
-            if decode_message(&v).map(|m| m.ts_ms < cutoff_ms).unwrap_or(true) {
-                doomed.push(k);
+            let old = match self.keys.open_value(&v)? {
+                Opened::Plain(p) => decode_message(&p).map(|m| m.ts_ms < cutoff_ms).unwrap_or(true),
+                Opened::Erased => true,
+            };
+            if old {
+                doomed.push((k, v));
             }
         }
         let n = doomed.len();
         for chunk in doomed.chunks(1000) {
             self.write(|b| {
-                for k in chunk {
+                for (k, _) in chunk {
                     b.remove(&self.offline, k.clone());
                 }
             })?;
+            for (_, v) in chunk {
+                let _ = self.keys.erase(v);
+            }
         }
         Ok(n)
     }

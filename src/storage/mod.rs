@@ -18,6 +18,7 @@
 //! durable.
 
 pub mod codec;
+pub mod erasure;
 pub mod fjall_store;
 pub mod memory;
 pub mod waiters;

@@ -6,7 +6,7 @@
 //!   anything from an account it blocked: group messages from
 //!   `GROUP/<blocked number>`, occupant messages, announcements of its
 //!   actions (except the member's own removal) and invitations.
-//! - **Full queues are never skipped silently** (ARCHITECTURE.md rule 8).
+//! - **Full queues are never skipped silently** (ARCHITECTURE.md rule 9).
 //!   Members whose queue is full do not get the copy, and the sender
 //!   learns which: a group message gets back an error
 //!   (`resource-constraint`) carrying
