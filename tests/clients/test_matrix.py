@@ -43,20 +43,25 @@ class Kind:
     missing: str | None = None
 
 
-def _probe(cmd: list[str]) -> str | None:
+def _probe(cmd: list[str], env: dict[str, str] | None = None) -> str | None:
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ, **(env or {})))
     except (OSError, subprocess.TimeoutExpired) as e:
         return str(e)
     return None if r.returncode == 0 else (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}")
 
 
 def _slixmpp_debian() -> Kind:
-    k = Kind("slixmpp-debian", [DEBIAN_PYTHON, str(HERE / "slixmpp_client.py")])
+    # Debian's package first, even if pip put a newer slixmpp in /usr/local.
+    env = {"PYTHONPATH": "/usr/lib/python3/dist-packages"}
+    k = Kind("slixmpp-debian", [DEBIAN_PYTHON, str(HERE / "slixmpp_client.py")], env)
     if not os.path.exists(DEBIAN_PYTHON):
         k.missing = f"{DEBIAN_PYTHON} not found"
     else:
-        k.missing = _probe([DEBIAN_PYTHON, "-c", "import slixmpp; assert slixmpp.__version__.startswith('1.8.')"])
+        k.missing = _probe(
+            [DEBIAN_PYTHON, "-c", "import slixmpp; assert slixmpp.__version__.startswith('1.8.'), slixmpp.__version__"],
+            env,
+        )
         if k.missing:
             k.missing = f"Debian's python3-slixmpp 1.8 is not installed: {k.missing}"
     return k
