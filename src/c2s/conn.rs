@@ -630,6 +630,7 @@ impl Conn {
 
     async fn sasl_feed(&mut self, data: &[u8]) {
         let Some(ex) = self.sasl.as_mut() else { return };
+        let mechanism = ex.mechanism();
         match ex.step(data) {
             Step::Challenge(c) => {
                 self.out.push_str("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
@@ -662,7 +663,7 @@ impl Conn {
                 match result {
                     Ok(additional) => {
                         guards.throttle.succeeded(&check.local);
-                        tracing::debug!(peer = %self.peer, account = %check.local, "SASL success");
+                        tracing::debug!(peer = %self.peer, account = %check.local, mechanism, "SASL success");
                         self.out.push_str("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
                         if !additional.is_empty() {
                             self.out.push_str(&B64.encode(additional));
@@ -678,6 +679,7 @@ impl Conn {
                         if f.credentials {
                             guards.throttle.failed(&check.local, self.peer.ip());
                         }
+                        tracing::debug!(peer = %self.peer, account = %check.local, mechanism, "login failed");
                         self.sasl_fail(f);
                     }
                 }

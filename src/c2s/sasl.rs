@@ -295,18 +295,20 @@ pub fn load_secret(data_dir: &Path) -> anyhow::Result<[u8; 32]> {
 enum State {
     Start,
     /// server-first sent; waiting for client-final.
-    ServerFirst {
-        hash: Hash,
-        local: String,
-        keys: ScramKeys,
-        known: bool,
-        gs2_header: String,
-        cb_data: Vec<u8>,
-        client_first_bare: String,
-        server_first: String,
-        nonce: String,
-    },
+    ServerFirst(Box<ServerFirst>),
     Done,
+}
+
+struct ServerFirst {
+    hash: Hash,
+    local: String,
+    keys: ScramKeys,
+    known: bool,
+    gs2_header: String,
+    cb_data: Vec<u8>,
+    client_first_bare: String,
+    server_first: String,
+    nonce: String,
 }
 
 /// One running SASL exchange.
@@ -378,6 +380,17 @@ impl Check {
 }
 
 impl Exchange {
+    /// The mechanism's name, for logs.
+    pub fn mechanism(&self) -> &'static str {
+        match self.mech {
+            Mech::Scram { hash: Hash::Sha256, plus: true } => "SCRAM-SHA-256-PLUS",
+            Mech::Scram { hash: Hash::Sha1, plus: true } => "SCRAM-SHA-1-PLUS",
+            Mech::Scram { hash: Hash::Sha256, plus: false } => "SCRAM-SHA-256",
+            Mech::Scram { hash: Hash::Sha1, plus: false } => "SCRAM-SHA-1",
+            Mech::Plain => "PLAIN",
+        }
+    }
+
     /// Feeds one client message (already base64-decoded).
     pub fn step(&mut self, input: &[u8]) -> Step {
         let r = match (std::mem::replace(&mut self.state, State::Done), self.mech) {
@@ -388,7 +401,7 @@ impl Exchange {
             }
             (State::Start, Mech::Plain) => self.plain(input),
             (State::Start, Mech::Scram { hash, plus }) => self.client_first(hash, plus, input),
-            (st @ State::ServerFirst { .. }, _) => self.client_final(st, input),
+            (State::ServerFirst(st), _) => self.client_final(*st, input),
             (State::Done, _) => Err(Failure::malformed("the exchange is over")),
         };
         match r {
@@ -495,7 +508,7 @@ impl Exchange {
         let nonce = format!("{cnonce}{snonce}");
         let server_first = format!("r={nonce},s={},i={}", B64.encode(&keys.salt), keys.iterations);
         let out = server_first.clone().into_bytes();
-        self.state = State::ServerFirst {
+        self.state = State::ServerFirst(Box::new(ServerFirst {
             hash,
             local,
             keys,
@@ -505,25 +518,12 @@ impl Exchange {
             client_first_bare: bare.to_string(),
             server_first,
             nonce,
-        };
+        }));
         Ok(Step::Challenge(out))
     }
 
-    fn client_final(&mut self, st: State, input: &[u8]) -> Result<Step, Failure> {
-        let State::ServerFirst {
-            hash,
-            local,
-            keys,
-            known,
-            gs2_header,
-            cb_data,
-            client_first_bare,
-            server_first,
-            nonce,
-        } = st
-        else {
-            return Err(Failure::malformed("unexpected message"));
-        };
+    fn client_final(&mut self, st: ServerFirst, input: &[u8]) -> Result<Step, Failure> {
+        let ServerFirst { hash, local, keys, known, gs2_header, cb_data, client_first_bare, server_first, nonce } = st;
         let s = std::str::from_utf8(input).map_err(|_| Failure::malformed("client-final is not UTF-8"))?;
         let idx = s.rfind(",p=").ok_or_else(|| Failure::malformed("client-final needs p=<proof>"))?;
         let (without_proof, proof) = (&s[..idx], &s[idx + 3..]);
