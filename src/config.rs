@@ -243,6 +243,26 @@ pub struct Offline {
 pub struct Auth {
     /// PBKDF2 iterations for new SCRAM keys (RFC 7677 minimum: 4096).
     pub scram_iterations: u32,
+    /// Connections per client address (IPv6: per /64) that have not
+    /// authenticated yet; 0 = no limit.
+    pub max_unauthenticated_per_ip: usize,
+    /// TLS handshakes in flight per client address; 0 = no limit.
+    pub max_tls_handshakes_per_ip: usize,
+    /// Wrong passwords per connection before the stream is closed.
+    pub max_failures_per_connection: u32,
+    /// SASL attempts of any outcome per connection (bounds exchanges that
+    /// fail before a password is checked, such as unsupported
+    /// channel-binding types).
+    pub max_attempts_per_connection: u32,
+    /// Failed logins (per account and per address) that cost no delay.
+    pub failures_before_delay: u32,
+    /// First delay after those, in ms; it doubles with each failure.
+    pub failure_delay_ms: u64,
+    /// Longest delay, in seconds.
+    pub max_failure_delay_secs: u64,
+    /// Password hashes computed at once on the blocking pool; 0 = half
+    /// the CPU cores (at least 1).
+    pub hash_threads: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -318,7 +338,17 @@ impl Default for Offline {
 
 impl Default for Auth {
     fn default() -> Self {
-        Auth { scram_iterations: 4096 }
+        Auth {
+            scram_iterations: 4096,
+            max_unauthenticated_per_ip: 32,
+            max_tls_handshakes_per_ip: 8,
+            max_failures_per_connection: 3,
+            max_attempts_per_connection: 8,
+            failures_before_delay: 2,
+            failure_delay_ms: 500,
+            max_failure_delay_secs: 30,
+            hash_threads: 0,
+        }
     }
 }
 

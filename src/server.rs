@@ -22,6 +22,8 @@ pub struct Server {
     pub registry: Arc<SessionRegistry>,
     pub router: Arc<dyn Router>,
     pub sasl: Sasl,
+    /// Per-address caps, login throttle and the password-hashing pool.
+    pub guards: crate::c2s::guard::Guards,
     pub tls: Arc<rustls::ServerConfig>,
     pub connections: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -57,8 +59,10 @@ impl Server {
             stores.users.clone(),
             crate::router::Limits::from_config(&cfg),
         ));
-        let sasl = Sasl::new(stores.users.clone(), &cfg.domain)?;
-        let tls = crate::c2s::tls::server_config(&cfg)?;
+        let (tls, end_point) = crate::c2s::tls::server_config(&cfg)?;
+        let secret = crate::c2s::sasl::load_secret(&cfg.data_dir)?;
+        let sasl = Sasl::new(stores.users.clone(), &cfg.domain, secret, cfg.auth.scram_iterations, end_point);
+        let guards = crate::c2s::guard::Guards::new(&cfg.auth);
         let connections = Arc::new(Semaphore::new(cfg.limits.max_connections));
         Ok(Arc::new(Server {
             cfg,
@@ -66,6 +70,7 @@ impl Server {
             registry,
             router,
             sasl,
+            guards,
             tls,
             connections,
             next_id: AtomicU64::new(1),
@@ -235,7 +240,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 /// store.
 async fn serve_media(cfg: Config) -> anyhow::Result<()> {
     secure_data_dir(&cfg.data_dir)?;
-    let tls = crate::c2s::tls::server_config(&cfg)?;
+    let (tls, _) = crate::c2s::tls::server_config(&cfg)?;
     let tasks = crate::http::start(&cfg, &tls, None, Vec::new()).await?;
     {
         use std::io::Write;

@@ -20,7 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
-use super::sasl::{Exchange, Step, Transport};
+use super::guard::IpSlot;
+use super::sasl::{Bindings, Exchange, Failure, Step};
 use super::session::{Session, Takeover};
 use crate::modules;
 use crate::protocol::stanza::{stream_error, stream_header};
@@ -92,9 +93,16 @@ struct Conn {
     peer: SocketAddr,
     phase: Phase,
     secure: bool,
-    exporter: Option<Vec<u8>>,
+    /// Channel-binding data of the TLS connection (empty on plaintext).
+    cb: Bindings,
     sasl: Option<Exchange>,
-    sasl_failures: u8,
+    /// Wrong passwords on this connection.
+    sasl_failures: u32,
+    /// SASL exchanges started on this connection.
+    sasl_attempts: u32,
+    /// Counts this connection against its address's cap on
+    /// unauthenticated connections until SASL succeeds.
+    unauthenticated: Option<IpSlot>,
     local: Option<String>,
     /// Pre-bind output.
     out: String,
@@ -123,9 +131,11 @@ pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls
         peer,
         phase: Phase::Connected,
         secure: false,
-        exporter: None,
+        cb: Bindings::default(),
         sasl: None,
         sasl_failures: 0,
+        sasl_attempts: 0,
+        unauthenticated: None,
         local: None,
         out: String::new(),
         session: None,
@@ -138,6 +148,15 @@ pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls
         ack_wait: None,
         closing_was_transport: false,
     };
+    c.unauthenticated = c.srv.guards.unauthenticated.acquire(peer.ip());
+    if c.unauthenticated.is_none() {
+        tracing::debug!(peer = %peer, "too many unauthenticated connections from this address; refused");
+        if !direct_tls {
+            c.close("policy-violation", Some("too many unauthenticated connections from your address".into()));
+            c.finish().await;
+        }
+        return;
+    }
     if direct_tls && !c.upgrade_tls().await {
         return;
     }
@@ -153,18 +172,24 @@ impl Conn {
     }
 
     async fn upgrade_tls(&mut self) -> bool {
+        let Some(_handshake) = self.srv.guards.handshakes.acquire(self.peer.ip()) else {
+            tracing::debug!(peer = %self.peer, "too many TLS handshakes in flight from this address; refused");
+            return false;
+        };
         let Io::Plain(sock) = std::mem::replace(&mut self.io, Io::Gone) else { return false };
         let acceptor = tokio_rustls::TlsAcceptor::from(self.srv.tls.clone());
         let hs = Duration::from_secs(self.srv.cfg.limits.handshake_timeout_secs);
         match tokio::time::timeout(hs, acceptor.accept(sock)).await {
             Ok(Ok(tls)) => {
                 let (_, conn) = tls.get_ref();
+                let mut exporter = None;
                 if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
                     let mut buf = vec![0u8; 32];
                     if conn.export_keying_material(&mut buf[..], b"EXPORTER-Channel-Binding", None).is_ok() {
-                        self.exporter = Some(buf);
+                        exporter = Some(buf);
                     }
                 }
+                self.cb = self.srv.sasl.bindings(exporter);
                 self.io = Io::Tls(Box::new(tls));
                 self.secure = true;
                 self.framer.reset();
@@ -182,14 +207,9 @@ impl Conn {
         }
     }
 
-    fn transport(&self) -> Transport {
-        if !self.secure {
-            Transport::Cleartext { allow_plain: self.srv.cfg.listen.allow_plaintext }
-        } else if self.exporter.is_some() {
-            Transport::TlsExporter
-        } else {
-            Transport::Tls
-        }
+    /// The channel bindings SASL may use: `None` on plaintext.
+    fn bindings(&self) -> Option<&Bindings> {
+        self.secure.then_some(&self.cb)
     }
 
     /// Whether SASL may run on this connection now.
@@ -479,18 +499,21 @@ impl Conn {
                 }
                 if self.sasl_allowed() {
                     let mut m = Element::new("mechanisms", ns::SASL);
-                    for name in self.srv.sasl.offered(self.transport()) {
+                    for name in self.srv.sasl.offered(self.bindings(), self.srv.cfg.listen.allow_plaintext) {
                         m.push(Element::stanza("mechanism").with_text(name));
                     }
                     f.push(m);
                     if self.srv.cfg.registration.in_band {
                         f.push(Element::new("register", modules::register::FEATURE));
                     }
-                    if self.exporter.is_some() {
-                        f.push(
-                            Element::new("sasl-channel-binding", ns::SASL_CB)
-                                .with_child(Element::stanza("channel-binding").with_attr("type", "tls-exporter")),
-                        );
+                    // XEP-0440: the binding types -PLUS accepts here.
+                    let names = self.bindings().map(Bindings::names).unwrap_or_default();
+                    if !names.is_empty() {
+                        let mut cb = Element::new("sasl-channel-binding", ns::SASL_CB);
+                        for n in names {
+                            cb.push(Element::stanza("channel-binding").with_attr("type", n));
+                        }
+                        f.push(cb);
                     }
                 }
             }
@@ -517,16 +540,24 @@ impl Conn {
                 if !self.flush().await {
                     return Err(());
                 }
-                if self.framer.buffered() > 0 {
-                    // Bytes after <starttls/> before the handshake: a
-                    // plaintext injection attempt (RFC 6120 §5.4.3.3).
+                // Whitespace between elements is allowed (some clients
+                // send `<starttls/>\n`). Anything else after <starttls/>
+                // before the handshake is a plaintext injection attempt
+                // (RFC 6120 §5.4.3.3).
+                let pending = self.framer.pending();
+                if !pending.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n')) {
+                    tracing::debug!(
+                        peer = %self.peer,
+                        bytes = pending.len(),
+                        "data after <starttls/> before the TLS handshake; closing"
+                    );
                     return Err(());
                 }
                 if !self.upgrade_tls().await {
                     return Err(());
                 }
             }
-            (Phase::Connected, "auth", ns::SASL) if self.sasl_allowed() => self.sasl_start(&el),
+            (Phase::Connected, "auth", ns::SASL) if self.sasl_allowed() => self.sasl_start(&el).await,
             (Phase::Connected, "iq", ns::CLIENT)
                 if self.srv.cfg.registration.in_band
                     && self.sasl_allowed()
@@ -537,10 +568,14 @@ impl Conn {
                     self.out.push_str(&reply);
                 }
             }
-            (Phase::Connected, "response", ns::SASL) => self.sasl_step(&el),
+            (Phase::Connected, "response", ns::SASL) => self.sasl_step(&el).await,
             (Phase::Connected, "abort", ns::SASL) => {
                 self.sasl = None;
-                self.sasl_fail("aborted");
+                self.sasl_fail(Failure {
+                    condition: "aborted",
+                    text: "aborted by the client".into(),
+                    credentials: false,
+                });
             }
             (Phase::Authenticated, "iq", ns::CLIENT) => self.bind(&el),
             (Phase::Authenticated, "resume", ns::SM) => self.resume(&el).await,
@@ -551,78 +586,142 @@ impl Conn {
                 self.close("policy-violation", Some("TLS already active".into()))
             }
             (Phase::Connected, "auth", ns::SASL) => {
-                self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>");
+                self.sasl_attempts += 1;
+                self.sasl_fail(Failure {
+                    condition: "encryption-required",
+                    text: "use STARTTLS first".into(),
+                    credentials: false,
+                });
             }
             _ => self.close("not-authorized", Some("authenticate and bind a resource first".into())),
         }
         Ok(())
     }
 
-    fn sasl_start(&mut self, el: &Element) {
+    async fn sasl_start(&mut self, el: &Element) {
         let mech = el.attr("mechanism").unwrap_or("");
-        let transport = self.transport();
-        let Some(ex) = self.srv.sasl.start(transport, mech, self.exporter.clone()) else {
-            self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><invalid-mechanism/></failure>");
-            return;
-        };
-        self.sasl = Some(ex);
+        self.sasl_attempts += 1;
+        self.sasl = None;
+        match self.srv.sasl.start(mech, self.bindings(), self.srv.cfg.listen.allow_plaintext) {
+            Ok(ex) => self.sasl = Some(ex),
+            Err(f) => return self.sasl_fail(f),
+        }
         let text = el.text();
         let data = if text.trim() == "=" { Ok(Vec::new()) } else { B64.decode(text.trim()) };
         match data {
-            Ok(d) => self.sasl_feed(&d),
+            Ok(d) => self.sasl_feed(&d).await,
             Err(_) => {
                 self.sasl = None;
-                self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><incorrect-encoding/></failure>");
+                self.sasl_fail(Failure {
+                    condition: "incorrect-encoding",
+                    text: "initial response is not base64".into(),
+                    credentials: false,
+                });
             }
         }
     }
 
-    fn sasl_step(&mut self, el: &Element) {
+    async fn sasl_step(&mut self, el: &Element) {
         if self.sasl.is_none() {
             self.close("policy-violation", Some("no SASL exchange in progress".into()));
             return;
         }
         match B64.decode(el.text().trim()) {
-            Ok(d) => self.sasl_feed(&d),
+            Ok(d) => self.sasl_feed(&d).await,
             Err(_) => {
                 self.sasl = None;
-                self.out.push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><incorrect-encoding/></failure>");
+                self.sasl_fail(Failure {
+                    condition: "incorrect-encoding",
+                    text: "response is not base64".into(),
+                    credentials: false,
+                });
             }
         }
     }
 
-    fn sasl_feed(&mut self, data: &[u8]) {
+    async fn sasl_feed(&mut self, data: &[u8]) {
         let Some(ex) = self.sasl.as_mut() else { return };
+        let mechanism = ex.mechanism();
         match ex.step(data) {
             Step::Challenge(c) => {
                 self.out.push_str("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
                 self.out.push_str(&B64.encode(c));
                 self.out.push_str("</challenge>");
             }
-            Step::Success { additional, local } => {
-                self.sasl = None;
-                self.out.push_str("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
-                if !additional.is_empty() {
-                    self.out.push_str(&B64.encode(additional));
+            Step::Verify(check) => {
+                // Progressive delay after failed logins for this account or
+                // address, before any password is checked.
+                let guards = &self.srv.guards;
+                let wait = guards.throttle.wait(&check.local, self.peer.ip());
+                if !wait.is_zero() {
+                    tracing::debug!(peer = %self.peer, account = %check.local, ?wait, "delaying login after failures");
+                    tokio::time::sleep(wait).await;
                 }
-                self.out.push_str("</success>");
-                self.local = Some(local);
-                self.phase = Phase::Authenticated;
-                self.framer.reset();
-                self.stream_open = false;
-            }
-            Step::Failure => {
+                let check = Arc::new(check);
+                let result = if check.is_costly() {
+                    let c = check.clone();
+                    guards.hash(move || c.run()).await.unwrap_or_else(|| {
+                        Err(Failure {
+                            condition: "temporary-auth-failure",
+                            text: "try again".into(),
+                            credentials: false,
+                        })
+                    })
+                } else {
+                    check.run()
+                };
                 self.sasl = None;
-                self.sasl_fail("not-authorized");
+                match result {
+                    Ok(additional) => {
+                        guards.throttle.succeeded(&check.local);
+                        tracing::debug!(peer = %self.peer, account = %check.local, mechanism, "SASL success");
+                        self.out.push_str("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
+                        if !additional.is_empty() {
+                            self.out.push_str(&B64.encode(additional));
+                        }
+                        self.out.push_str("</success>");
+                        self.local = Some(check.local.clone());
+                        self.unauthenticated = None;
+                        self.phase = Phase::Authenticated;
+                        self.framer.reset();
+                        self.stream_open = false;
+                    }
+                    Err(f) => {
+                        if f.credentials {
+                            guards.throttle.failed(&check.local, self.peer.ip());
+                        }
+                        tracing::debug!(peer = %self.peer, account = %check.local, mechanism, "login failed");
+                        self.sasl_fail(f);
+                    }
+                }
+            }
+            Step::Failure(f) => {
+                self.sasl = None;
+                self.sasl_fail(f);
             }
         }
     }
 
-    fn sasl_fail(&mut self, cond: &str) {
-        self.sasl_failures += 1;
-        self.out.push_str(&format!("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><{cond}/></failure>"));
-        if self.sasl_failures >= 3 {
+    /// Sends a SASL `<failure/>` with its reason, and closes the stream
+    /// after too many wrong passwords or too many attempts. Failures where
+    /// no password was checked (an unsupported channel-binding type, a
+    /// refused downgrade) count only as attempts, so a client that walks
+    /// down its mechanism list still reaches one that works.
+    fn sasl_fail(&mut self, f: Failure) {
+        tracing::debug!(peer = %self.peer, condition = f.condition, reason = %f.text, "SASL failure");
+        if f.credentials {
+            self.sasl_failures += 1;
+        }
+        self.out.push_str(&format!(
+            "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><{}/><text>{}</text></failure>",
+            f.condition,
+            crate::protocol::element::escape(&f.text)
+        ));
+        let auth = &self.srv.cfg.auth;
+        if self.sasl_failures >= auth.max_failures_per_connection.max(1) {
             self.close("policy-violation", Some("too many authentication failures".into()));
+        } else if self.sasl_attempts >= auth.max_attempts_per_connection.max(1) {
+            self.close("policy-violation", Some("too many authentication attempts".into()));
         }
     }
 

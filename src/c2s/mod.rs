@@ -8,6 +8,7 @@
 //! instead of exhausting file descriptors.
 
 pub mod conn;
+pub mod guard;
 pub mod sasl;
 pub mod session;
 pub mod tls;

@@ -96,6 +96,11 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
             let _ = h.tx.try_send(Outbound::Stanza(xml.clone()));
         }
     }
+    // And the resource that sent it (RFC 6121 §4.2.2, §4.4.2): clients
+    // take the echo as confirmation that they are online.
+    if available {
+        s.send_xml(xml.clone(), None);
+    }
     if first {
         let upto = srv.router.attach(&s.local, id);
         s.backlog = Some((s.max_seq_sent, upto));

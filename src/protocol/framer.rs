@@ -133,6 +133,11 @@ impl Framer {
         self.buf.len() - self.consumed
     }
 
+    /// The bytes buffered but not yet returned as a frame.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.consumed..]
+    }
+
     /// Releases the buffer's capacity when nothing is pending, so idle
     /// connections hold no read memory.
     pub fn shrink_if_idle(&mut self) {

@@ -35,14 +35,16 @@ async def test_server_requests_acks_and_counts_stanzas(pserver):
     await raw.expect(ENABLED)
     raw.send("<presence/>")
     raw.send("<iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>")
-    await raw.expect(r"<iq\b[^>]*id=['\"]sync['\"]")  # stanza 1 from the server
+    await raw.expect(r"<iq\b[^>]*id=['\"]sync['\"]")  # stanza 2 from the server (after the presence echo)
     a.chat(BOB, "first")
     a.chat(BOB, "second")
     await raw.expect(r"<body>first</body>")
     await raw.expect(r"<body>second</body>")
     # The server asks for acknowledgement of what it sent (at least once).
     assert re.search(r"<r xmlns=['\"]urn:xmpp:sm:3['\"]\s*/>", raw.buf), raw.trace()
-    raw.send(f"<a {SM} h='3'/>")
+    # Sent so far: the echo of our presence (RFC 6121 §4.2.2), the ping
+    # result and the two messages.
+    raw.send(f"<a {SM} h='4'/>")
     raw.send(f"<r {SM}/>")
     # Received from the client after <enable/>: presence and the ping.
     await raw.expect(r"<a xmlns=['\"]urn:xmpp:sm:3['\"] h=['\"]2['\"]\s*/>")
@@ -69,7 +71,8 @@ async def test_partial_ack_keeps_the_rest(pserver):
     for i in range(3):
         await raw.expect(rf"<body>m{i}</body>")
     await raw.expect(r"<r xmlns=['\"]urn:xmpp:sm:3['\"]\s*/>")  # after the stored messages
-    raw.send(f"<a {SM} h='1'/>")
+    # The echo of our presence (RFC 6121 §4.2.2) comes first, then m0.
+    raw.send(f"<a {SM} h='2'/>")
     raw.send("<iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>")
     await raw.expect(r"<iq\b[^>]*id=['\"]sync['\"]")
     raw.abort()
