@@ -15,7 +15,7 @@
 
 use memchr::memchr;
 
-use super::element::{Element, ParseError, Scope, parse_element, parse_start_tag};
+use super::element::{Element, ParseError, ParseLimits, Scope, parse_element_with, parse_start_tag};
 use super::ns;
 
 /// Longest stream header accepted.
@@ -43,6 +43,8 @@ pub enum FrameError {
     TooBig(usize),
     #[error("policy-violation: elements nested too deeply")]
     TooDeep,
+    #[error("policy-violation: {0}")]
+    TooMany(&'static str),
     #[error("invalid-namespace: {0}")]
     InvalidNamespace(&'static str),
 }
@@ -53,7 +55,7 @@ impl FrameError {
         match self {
             FrameError::NotWellFormed(_) => "not-well-formed",
             FrameError::Restricted(_) => "restricted-xml",
-            FrameError::TooBig(_) | FrameError::TooDeep => "policy-violation",
+            FrameError::TooBig(_) | FrameError::TooDeep | FrameError::TooMany(_) => "policy-violation",
             FrameError::InvalidNamespace(_) => "invalid-namespace",
         }
     }
@@ -64,6 +66,8 @@ impl From<ParseError> for FrameError {
         match e {
             ParseError::Restricted(r) => FrameError::Restricted(r),
             ParseError::TooDeep => FrameError::TooDeep,
+            ParseError::TooManyElements => FrameError::TooMany("too many elements in one stanza"),
+            ParseError::TooManyAttributes => FrameError::TooMany("too many attributes on one element"),
             ParseError::BadPrefix(p) => FrameError::NotWellFormed(format!("undeclared prefix {p}")),
             ParseError::NotWellFormed(s) => FrameError::NotWellFormed(s),
         }
@@ -86,11 +90,41 @@ pub struct Framer {
     /// Bytes at the front of `buf` already returned; dropped lazily on the
     /// next `feed`, so many stanzas in one read cost one move, not one each.
     consumed: usize,
+    /// Where the scan of the incomplete construct at `pos` (a tag, CDATA
+    /// section or XML declaration) stopped, 0 when none: the next read
+    /// continues from there, so a construct arriving in many small reads
+    /// is scanned once, not once per read.
+    resume: usize,
+    /// Inside that tag scan: the open quote character, or 0.
+    quote: u8,
+    limits: ParseLimits,
 }
 
 impl Framer {
     pub fn new(max_stanza: usize) -> Framer {
-        Framer { buf: Vec::new(), pos: 0, depth: 0, start: None, max_stanza, seen_markup: false, consumed: 0 }
+        Framer::with_limits(max_stanza, ParseLimits::default())
+    }
+
+    /// A framer whose stanzas are also bounded in elements and attributes.
+    pub fn with_limits(max_stanza: usize, limits: ParseLimits) -> Framer {
+        Framer {
+            buf: Vec::new(),
+            pos: 0,
+            depth: 0,
+            start: None,
+            max_stanza,
+            seen_markup: false,
+            consumed: 0,
+            resume: 0,
+            quote: 0,
+            limits,
+        }
+    }
+
+    /// Changes the stanza size limit, e.g. once a resource is bound: before
+    /// that nothing a client must send is more than a few KiB.
+    pub fn set_max_stanza(&mut self, max_stanza: usize) {
+        self.max_stanza = max_stanza;
     }
 
     /// Forgets everything: a new stream starts with the next byte.
@@ -101,6 +135,8 @@ impl Framer {
         self.start = None;
         self.seen_markup = false;
         self.consumed = 0;
+        self.resume = 0;
+        self.quote = 0;
     }
 
     /// Appends received bytes.
@@ -116,6 +152,9 @@ impl Framer {
             self.buf.drain(..c);
             self.pos -= c;
             self.start = self.start.map(|s| s - c);
+            if self.resume > 0 {
+                self.resume -= c;
+            }
             self.consumed = 0;
         }
     }
@@ -141,6 +180,8 @@ impl Framer {
             self.pos = 0;
             self.consumed = 0;
             self.start = None;
+            self.resume = 0;
+            self.quote = 0;
         }
     }
 
@@ -148,6 +189,16 @@ impl Framer {
         self.consumed = upto;
         self.pos = upto;
         self.start = None;
+        self.resume = 0;
+        self.quote = 0;
+    }
+
+    /// Records that the construct at `pos` is incomplete and its scan may
+    /// continue at `at`.
+    fn suspend(&mut self, at: usize) -> Result<Option<Frame>, FrameError> {
+        self.resume = at.max(self.pos + 1);
+        self.check_size()?;
+        Ok(None)
     }
 
     fn limit(&self) -> usize {
@@ -200,11 +251,12 @@ impl Framer {
             };
             match next {
                 b'/' => {
-                    let Some(gt) = memchr(b'>', &self.buf[lt..]).map(|i| i + lt) else {
-                        self.check_size()?;
-                        return Ok(None);
+                    let from = self.resume.max(lt);
+                    let Some(gt) = memchr(b'>', &self.buf[from..]).map(|i| i + from) else {
+                        return self.suspend(self.buf.len());
                     };
                     self.pos = gt + 1;
+                    self.resume = 0;
                     self.depth = self.depth.saturating_sub(1);
                     match self.depth {
                         0 => {
@@ -217,12 +269,12 @@ impl Framer {
                 }
                 b'?' => {
                     if self.depth == 0 && !self.seen_markup && self.buf[lt..].starts_with(b"<?xml") {
-                        let Some(end) = memchr::memmem::find(&self.buf[lt..], b"?>") else {
-                            self.check_size()?;
-                            return Ok(None);
+                        let from = self.resume.max(lt);
+                        let Some(end) = memchr::memmem::find(&self.buf[from..], b"?>").map(|i| i + from) else {
+                            return self.suspend(self.buf.len() - 1);
                         };
                         self.seen_markup = true;
-                        self.consume(lt + end + 2);
+                        self.consume(end + 2);
                         continue;
                     }
                     if self.depth == 0 && b"<?xml".starts_with(&self.buf[lt..]) {
@@ -237,11 +289,12 @@ impl Framer {
                         return Ok(None);
                     }
                     if self.depth >= 2 && have.starts_with(CDATA) {
-                        let Some(end) = memchr::memmem::find(&have[CDATA.len()..], b"]]>") else {
-                            self.check_size()?;
-                            return Ok(None);
+                        let from = self.resume.max(lt + CDATA.len());
+                        let Some(end) = memchr::memmem::find(&self.buf[from..], b"]]>").map(|i| i + from) else {
+                            return self.suspend(self.buf.len().saturating_sub(2));
                         };
-                        self.pos = lt + CDATA.len() + end + 3;
+                        self.pos = end + 3;
+                        self.resume = 0;
                         continue;
                     }
                     if have.starts_with(b"<!--") {
@@ -253,11 +306,12 @@ impl Framer {
                     return Err(FrameError::Restricted("DTD"));
                 }
                 _ => {
-                    let Some(gt) = find_tag_end(&self.buf[lt..])? else {
-                        self.check_size()?;
-                        return Ok(None);
+                    let from = self.resume.max(lt + 1);
+                    let Some(gt) = find_tag_end(&self.buf, from, &mut self.quote)? else {
+                        return self.suspend(self.buf.len());
                     };
-                    let gt = gt + lt;
+                    self.resume = 0;
+                    self.quote = 0;
                     self.seen_markup = true;
                     let empty = self.buf[gt - 1] == b'/';
                     self.pos = gt + 1;
@@ -295,7 +349,7 @@ impl Framer {
         if end - start > self.max_stanza {
             return Err(FrameError::TooBig(self.max_stanza));
         }
-        let el = parse_element(&self.buf[start..end], client_scope())?;
+        let el = parse_element_with(&self.buf[start..end], client_scope(), &self.limits)?;
         self.consume(end);
         Ok(Frame::Stanza(el))
     }
@@ -308,20 +362,21 @@ fn client_scope() -> &'static Scope {
     SCOPE.get_or_init(Scope::client_stream)
 }
 
-/// Finds the `>` closing a start tag, skipping quoted attribute values.
-fn find_tag_end(tag: &[u8]) -> Result<Option<usize>, FrameError> {
-    let mut quote = 0u8;
-    for (i, &b) in tag.iter().enumerate().skip(1) {
-        if quote != 0 {
-            if b == quote {
-                quote = 0;
+/// Finds the `>` closing a start tag, skipping quoted attribute values,
+/// scanning `buf` from `from` with the quote state `quote` left by the
+/// previous call (updated in place when the tag is still incomplete).
+fn find_tag_end(buf: &[u8], from: usize, quote: &mut u8) -> Result<Option<usize>, FrameError> {
+    for (i, &b) in buf.iter().enumerate().skip(from) {
+        if *quote != 0 {
+            if b == *quote {
+                *quote = 0;
             } else if b == b'<' {
                 return Err(FrameError::NotWellFormed("'<' in attribute value".into()));
             }
             continue;
         }
         match b {
-            b'"' | b'\'' => quote = b,
+            b'"' | b'\'' => *quote = b,
             b'>' => return Ok(Some(i)),
             b'<' => return Err(FrameError::NotWellFormed("'<' inside tag".into())),
             _ => {}
