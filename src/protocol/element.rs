@@ -783,6 +783,90 @@ mod tests {
     }
 
     #[test]
+    fn refuses_forbidden_characters_and_names() {
+        for bad in [
+            "<message id='&#1;x'/>",
+            "<message id='\u{1}'/>",
+            "<a>&#xFFFE;</a>",
+            "<a>\u{1b}</a>",
+            "<a b='&#x1F;'/>",
+            "<1a/>",
+            "<a 1b='x'/>",
+            "<a:b:c xmlns:a='u'/>",
+            "<a xmlns:b=''/>",
+            "<xmlns:a/>",
+            "<a xmlns:xml='urn:other'/>",
+            "<a b:c='1'/>",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(p("<a xmlns:b='urn:b' b:c='1' d-e.f_g='&#x10000;'>\t&#xD;\u{E000}</a>").is_ok());
+    }
+
+    #[test]
+    fn caps_elements_and_attributes() {
+        let limits = ParseLimits { max_elements: 10, max_attributes: 3 };
+        let sc = Scope::client_stream();
+        let ten = format!("<a>{}</a>", "<b/>".repeat(9));
+        assert!(parse_element_with(ten.as_bytes(), &sc, &limits).is_ok());
+        let eleven = format!("<a>{}</a>", "<b/>".repeat(10));
+        assert_eq!(parse_element_with(eleven.as_bytes(), &sc, &limits), Err(ParseError::TooManyElements));
+        assert!(parse_element_with(b"<a x='1' y='2' z='3'/>", &sc, &limits).is_ok());
+        let four = parse_element_with(b"<a x='1' y='2' z='3' w='4'/>", &sc, &limits);
+        assert_eq!(four, Err(ParseError::TooManyAttributes));
+    }
+
+    #[test]
+    fn duplicate_attributes_among_many() {
+        let mut attrs: Vec<String> = (0..60).map(|i| format!("a{i}='v'")).collect();
+        assert!(p(&format!("<x {}/>", attrs.join(" "))).is_ok());
+        attrs.push("a17='again'".into());
+        assert!(matches!(p(&format!("<x {}/>", attrs.join(" "))), Err(ParseError::NotWellFormed(_))));
+    }
+
+    #[test]
+    fn namespaces_are_scoped_and_shared() {
+        let uri = format!("urn:{}", "n".repeat(1000));
+        let e =
+            p(&format!("<a xmlns:p='urn:p'><q:b xmlns:q='{uri}'><q:c/><d xmlns='urn:d'><q:e/></d></q:b><p:f/></a>"))
+                .unwrap();
+        let b = e.first_element().unwrap();
+        let c = b.first_element().unwrap();
+        assert_eq!(b.ns, uri.as_str());
+        // One copy of the URI for every element in its scope.
+        assert_eq!(b.ns.as_str().as_ptr(), c.ns.as_str().as_ptr());
+        let d = b.elements().nth(1).unwrap();
+        assert_eq!(d.ns, "urn:d");
+        assert_eq!(d.first_element().unwrap().ns.as_str().as_ptr(), b.ns.as_str().as_ptr());
+        assert_eq!(e.elements().nth(1).unwrap().ns, "urn:p");
+        // A prefix declared inside b is gone after it closes.
+        assert!(matches!(p("<a><q:b xmlns:q='urn:q'/><q:c/></a>"), Err(ParseError::BadPrefix(_))));
+        // An inner redeclaration shadows, then the outer binding returns.
+        let e = p("<p:a xmlns:p='urn:1'><p:b xmlns:p='urn:2'/><p:c/></p:a>").unwrap();
+        let ns: Vec<&str> = e.elements().map(|x| x.ns.as_str()).collect();
+        assert_eq!(ns, ["urn:2", "urn:1"]);
+    }
+
+    #[test]
+    fn serialiser_never_writes_forbidden_characters() {
+        let e = Element::stanza("message")
+            .with_attr("id", "a\u{1}b\u{FFFF}\t\n\r")
+            .with_attr("bad name", "dropped")
+            .with_child(Element::stanza("body").with_text("x\u{0}y\u{FFFE}\r\n\u{8}"));
+        let xml = e.to_xml();
+        assert!(xml.chars().all(is_xml_char), "{xml:?}");
+        assert!(!xml.contains("bad name"));
+        let back = p(&xml).unwrap();
+        assert_eq!(back.attr("id"), Some("a\u{FFFD}b\u{FFFD}\t\n\r"));
+        assert_eq!(back.child("body", ns::CLIENT).unwrap().text(), "x\u{FFFD}y\u{FFFD}\r\n\u{FFFD}");
+        let mut odd = Element::stanza("x");
+        odd.name = "1<bad".into();
+        assert!(p(&odd.to_xml()).is_ok());
+        assert_eq!(repair_xml_chars("<a id='\u{1}'/>"), "<a id='\u{FFFD}'/>");
+        assert!(matches!(repair_xml_chars("<a/>"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
     fn formats_dates() {
         assert_eq!(xep82_datetime(0), "1970-01-01T00:00:00Z");
         assert_eq!(xep82_datetime(1_700_000_000_123), "2023-11-14T22:13:20.123Z");

@@ -451,6 +451,73 @@ mod tests {
         assert_eq!(frames(&[HDR, &big]), Err(FrameError::TooBig(1024)));
     }
 
+    /// Feeds `doc` one byte at a time and returns the frames.
+    fn bytewise(f: &mut Framer, doc: &[u8]) -> Result<Vec<Frame>, FrameError> {
+        let mut out = Vec::new();
+        for b in doc {
+            f.feed(std::slice::from_ref(b));
+            while let Some(fr) = f.next_frame()? {
+                out.push(fr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A 200 KB start tag and a 200 KB CDATA section arriving a byte per
+    /// read are scanned once each: rescanning from the start on every read
+    /// would be 2·10¹⁰ byte visits, minutes rather than well under a second.
+    #[test]
+    fn incomplete_constructs_resume_where_they_stopped() {
+        let attrs: String = (0..2000).map(|i| format!(" a{i}='{}>'", "v".repeat(90))).collect();
+        let tag = format!("{HDR}<message{attrs}/>");
+        let cdata = format!("<message><body><![CDATA[{}]]]]></body></message>", "]".repeat(200_000));
+        let t = std::time::Instant::now();
+        let limits = ParseLimits { max_elements: 4096, max_attributes: 4096 };
+        let out = bytewise(&mut Framer::with_limits(1 << 20, limits), format!("{tag}{cdata}").as_bytes()).unwrap();
+        let elapsed = t.elapsed();
+        assert_eq!(out.len(), 3);
+        assert!(matches!(&out[1], Frame::Stanza(m) if m.attrs.len() == 2000));
+        assert!(matches!(&out[2], Frame::Stanza(m) if m.child("body", ns::CLIENT).unwrap().text().len() == 200_002));
+        assert!(elapsed < std::time::Duration::from_secs(20), "{elapsed:?}");
+    }
+
+    #[test]
+    fn split_declaration_end_tag_and_quotes() {
+        let doc = format!("{HDR}<message id=\"a'>\" b='\">'><body>x</body></message>");
+        let mut f = Framer::new(1024);
+        let out = bytewise(&mut f, doc.as_bytes()).unwrap();
+        assert!(matches!(&out[1], Frame::Stanza(m) if m.attr("id") == Some("a'>") && m.attr("b") == Some("\">")));
+    }
+
+    #[test]
+    fn size_limit_can_grow_after_binding() {
+        let body = format!("<message><body>{}</body></message>", "x".repeat(3000));
+        let mut f = Framer::new(2048);
+        f.feed(HDR.as_bytes());
+        assert!(matches!(f.next_frame(), Ok(Some(Frame::Header(_)))));
+        f.set_max_stanza(8192);
+        f.feed(body.as_bytes());
+        assert!(matches!(f.next_frame(), Ok(Some(Frame::Stanza(_)))));
+        f.set_max_stanza(2048);
+        f.feed(body.as_bytes());
+        assert_eq!(f.next_frame(), Err(FrameError::TooBig(2048)));
+    }
+
+    #[test]
+    fn element_and_attribute_caps_are_policy_violations() {
+        let mut f = Framer::with_limits(1 << 20, ParseLimits { max_elements: 8, max_attributes: 4 });
+        f.feed(HDR.as_bytes());
+        let _ = f.next_frame();
+        f.feed(format!("<iq>{}</iq>", "<a/>".repeat(8)).as_bytes());
+        let e = f.next_frame().unwrap_err();
+        assert_eq!(e.condition(), "policy-violation");
+        let mut f = Framer::with_limits(1 << 20, ParseLimits { max_elements: 8, max_attributes: 4 });
+        f.feed(HDR.as_bytes());
+        let _ = f.next_frame();
+        f.feed(b"<iq a='' b='' c='' d='' e=''/>");
+        assert_eq!(f.next_frame().unwrap_err().condition(), "policy-violation");
+    }
+
     #[test]
     fn billion_laughs_refused() {
         let bomb = "<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'>]><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
