@@ -118,7 +118,7 @@ struct Conn {
 pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls: bool) {
     let l = &srv.cfg.limits;
     let parse_limits = ParseLimits { max_elements: l.max_stanza_elements, max_attributes: l.max_element_attributes };
-    let framer = Framer::with_limits(l.max_stanza_bytes_before_bind, parse_limits);
+    let framer = Framer::with_limits(l.max_stanza_bytes_before_bind.min(l.max_stanza_bytes), parse_limits);
     let mut c = Conn {
         srv,
         io: Io::Plain(sock),
