@@ -186,6 +186,8 @@ impl Exchange {
             if self.scram && !valid_scram_first(input, self.plus) {
                 return Step::Failure;
             }
+        } else if self.scram && !valid_scram_attrs(input) {
+            return Step::Failure;
         }
         let mut out = Vec::new();
         // rsasl's SCRAM parser is not trusted with hostile input: a panic
@@ -211,13 +213,25 @@ fn valid_scram_first(input: &[u8], plus: bool) -> bool {
     }
     // gs2-header = cbflag "," [authzid] ","
     let mut parts = s.splitn(3, ',');
-    let (Some(_), Some(_), Some(bare)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(_), Some(authzid), Some(bare)) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
+    if !(authzid.is_empty() || authzid.starts_with("a=")) || !valid_scram_attrs(bare.as_bytes()) {
+        return false;
+    }
     let mut attrs = bare.split(',');
     let user_ok = attrs.next().is_some_and(|a| a.len() > 2 && a.starts_with("n="));
     let nonce_ok = attrs.next().is_some_and(|a| a.len() > 2 && a.starts_with("r="));
     user_ok && nonce_ok
+}
+
+/// Whether every comma-separated attribute has the `x=value` form of
+/// RFC 5802 §5.1. rsasl's parser slices the first two bytes of each
+/// attribute without checking its length, so shorter ones are refused here
+/// rather than left to its panic (which `catch_unwind` would contain, after
+/// the panic hook had printed it).
+fn valid_scram_attrs(attrs: &[u8]) -> bool {
+    attrs.split(|&b| b == b',').all(|a| a.len() >= 2 && a[0].is_ascii_alphabetic() && a[1] == b'=')
 }
 
 #[cfg(test)]
@@ -257,8 +271,23 @@ mod tests {
     #[test]
     fn hostile_scram_fails_cleanly() {
         let s = sasl();
-        for bad in [&b"n,,n"[..], b"y,,", b"p=tls-exporter,,n=x,r=y", b"\xff\xfe", b"n,,n=15551234567"] {
+        for bad in [
+            &b"n,,n"[..],
+            b"y,,",
+            b"p=tls-exporter,,n=x,r=y",
+            b"\xff\xfe",
+            b"n,,n=15551234567",
+            b"n,a,n=15551234567,r=abc",
+            b"n,,n=15551234567,r=abc,",
+            b"n,,n=15551234567,r=abc,x",
+        ] {
             let mut e = s.start(Transport::Tls, "SCRAM-SHA-256", None).unwrap();
+            assert_eq!(e.step(bad), Step::Failure, "{bad:?}");
+        }
+        // Client-final messages whose attributes are too short to parse.
+        for bad in [&b""[..], b"c", b"c=biws,r", b"c=biws,r=x,,p=y", b"c=biws,r=x,p"] {
+            let mut e = s.start(Transport::Tls, "SCRAM-SHA-256", None).unwrap();
+            assert!(matches!(e.step(b"n,,n=15551234567,r=abcdef"), Step::Challenge(_)));
             assert_eq!(e.step(bad), Step::Failure, "{bad:?}");
         }
     }
