@@ -17,11 +17,15 @@ const TARGETS: [(&str, Target); 4] = [
     ("phone", chatd::fuzz::phone),
 ];
 
-fn inputs(dir: &Path) -> Vec<Vec<u8>> {
+fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut paths: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
     paths.sort();
-    paths.iter().filter_map(|p| std::fs::read(p).ok()).collect()
+    paths.into_iter().filter_map(|p| std::fs::read(&p).ok().map(|d| (p, d))).collect()
+}
+
+fn inputs(dir: &Path) -> Vec<Vec<u8>> {
+    files(dir).into_iter().map(|(_, d)| d).collect()
 }
 
 /// xorshift64*: deterministic, so a failure reproduces.
@@ -92,8 +96,11 @@ fn corpus_regressions_and_mutations() {
     for (name, target) in TARGETS {
         let corpus = inputs(&root.join("corpus").join(name));
         assert!(!corpus.is_empty(), "no corpus for {name}");
-        for input in corpus.iter().chain(inputs(&root.join("regressions").join(name)).iter()) {
-            target(input);
+        for dir in ["corpus", "regressions"] {
+            for (path, input) in files(&root.join(dir).join(name)) {
+                eprintln!("replaying {}", path.display());
+                target(&input);
+            }
         }
         // Counts every panic, including one chatd contains with
         // catch_unwind (rsasl's parser): none is expected, since chatd

@@ -197,7 +197,7 @@ impl Framer {
     /// continue at `at`.
     fn suspend(&mut self, at: usize) -> Result<Option<Frame>, FrameError> {
         self.resume = at.max(self.pos + 1);
-        self.check_size()?;
+        self.check_size(self.buf.len())?;
         Ok(None)
     }
 
@@ -205,9 +205,14 @@ impl Framer {
         if self.depth == 0 { MAX_HEADER } else { self.max_stanza }
     }
 
-    fn check_size(&self) -> Result<(), FrameError> {
+    /// Fails when the element being scanned already spans more than the
+    /// limit up to `upto`: the scan position after a complete construct,
+    /// or the end of the buffer inside an incomplete one. Bytes buffered
+    /// after a complete construct may belong to later stanzas and do not
+    /// count.
+    fn check_size(&self, upto: usize) -> Result<(), FrameError> {
         if let Some(s) = self.start
-            && self.buf.len() - s > self.limit()
+            && upto.saturating_sub(s) > self.limit()
         {
             return Err(FrameError::TooBig(self.limit()));
         }
@@ -241,12 +246,12 @@ impl Framer {
             // Inside a top-level element (or its start tag).
             let Some(lt) = memchr(b'<', &self.buf[self.pos..]).map(|i| i + self.pos) else {
                 self.pos = self.buf.len();
-                self.check_size()?;
+                self.check_size(self.buf.len())?;
                 return Ok(None);
             };
             self.pos = lt;
             let Some(&next) = self.buf.get(lt + 1) else {
-                self.check_size()?;
+                self.check_size(self.buf.len())?;
                 return Ok(None);
             };
             match next {
@@ -255,6 +260,8 @@ impl Framer {
                     let Some(gt) = memchr(b'>', &self.buf[from..]).map(|i| i + from) else {
                         return self.suspend(self.buf.len());
                     };
+                    // The same limit whether the tag arrived in one read or many.
+                    self.check_size(gt + 1)?;
                     self.pos = gt + 1;
                     self.resume = 0;
                     self.depth = self.depth.saturating_sub(1);
@@ -273,6 +280,7 @@ impl Framer {
                         let Some(end) = memchr::memmem::find(&self.buf[from..], b"?>").map(|i| i + from) else {
                             return self.suspend(self.buf.len() - 1);
                         };
+                        self.check_size(end + 2)?;
                         self.seen_markup = true;
                         self.consume(end + 2);
                         continue;
@@ -310,6 +318,7 @@ impl Framer {
                     let Some(gt) = find_tag_end(&self.buf, from, &mut self.quote)? else {
                         return self.suspend(self.buf.len());
                     };
+                    self.check_size(gt + 1)?;
                     self.resume = 0;
                     self.quote = 0;
                     self.seen_markup = true;
@@ -340,7 +349,7 @@ impl Framer {
                     }
                 }
             }
-            self.check_size()?;
+            self.check_size(self.pos)?;
         }
     }
 
@@ -516,6 +525,16 @@ mod tests {
         let _ = f.next_frame();
         f.feed(b"<iq a='' b='' c='' d='' e=''/>");
         assert_eq!(f.next_frame().unwrap_err().condition(), "policy-violation");
+    }
+
+    /// Found by fuzzing: bytes of later stanzas already buffered counted
+    /// against the size of the one being scanned, so a small stanza read
+    /// together with much more was refused as too big.
+    #[test]
+    fn buffered_bytes_after_a_stanza_do_not_count_against_it() {
+        let doc = format!("{HDR}<message><body>x</body></message>{}", "<presence/>".repeat(200));
+        let out = frames(&[&doc]).unwrap();
+        assert_eq!(out.len(), 202);
     }
 
     #[test]
