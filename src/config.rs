@@ -202,6 +202,15 @@ pub struct Tls {
 pub struct Limits {
     /// Largest stanza accepted; larger gets `policy-violation`.
     pub max_stanza_bytes: usize,
+    /// Largest stanza accepted before a resource is bound (SASL, in-band
+    /// registration, bind, resume): none of them needs more, and a small
+    /// limit keeps what a stranger can make the server parse small.
+    pub max_stanza_bytes_before_bind: usize,
+    /// Elements in one stanza; more gets `policy-violation`.
+    pub max_stanza_elements: usize,
+    /// Attributes (namespace declarations included) on one element; more
+    /// gets `policy-violation`.
+    pub max_element_attributes: usize,
     /// Concurrent client connections.
     pub max_connections: usize,
     /// Seconds a connection may take to authenticate and bind.
@@ -313,6 +322,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_stanza_bytes: 256 * 1024,
+            max_stanza_bytes_before_bind: 8 * 1024,
+            max_stanza_elements: 4096,
+            max_element_attributes: 64,
             max_connections: 19_000,
             handshake_timeout_secs: 30,
             ping_interval_secs: 120,
@@ -416,6 +428,12 @@ impl Config {
         }
         if self.limits.max_stanza_bytes < 4096 {
             bail!("limits.max_stanza_bytes must be at least 4096");
+        }
+        if self.limits.max_stanza_bytes_before_bind < 4096 {
+            bail!("limits.max_stanza_bytes_before_bind must be at least 4096");
+        }
+        if self.limits.max_stanza_elements < 64 || self.limits.max_element_attributes < 16 {
+            bail!("limits.max_stanza_elements must be at least 64 and limits.max_element_attributes at least 16");
         }
         if self.auth.scram_iterations < 4096 {
             bail!("auth.scram_iterations must be at least 4096 (RFC 7677)");

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod api;
 pub mod c2s;
 pub mod config;
+pub mod fuzz;
 pub mod http;
 pub mod media;
 pub mod modules;

@@ -193,6 +193,19 @@ fn push_live(local: &str, e: &mut AccountEntry, seq: u64, xml: &Arc<str>, wanted
     }
 }
 
+/// A stored stanza as it may be sent. Stanzas stored before input was
+/// checked against the XML `Char` production can hold characters a
+/// recipient's parser rejects, which would make it drop the stream and
+/// never acknowledge the message; such characters are replaced (the
+/// structure the serialiser wrote is unchanged) and the repair logged.
+fn repair_stored<'a>(local: &str, seq: u64, xml: &'a str) -> std::borrow::Cow<'a, str> {
+    let fixed = crate::protocol::element::repair_xml_chars(xml);
+    if let std::borrow::Cow::Owned(_) = fixed {
+        tracing::warn!(account = local, seq, "stored stanza had characters XML forbids; replaced before delivery");
+    }
+    fixed
+}
+
 /// Inserts `<delay/>` before the root's closing tag. Stored messages
 /// always have children (at least the stanza-id), so the root is never
 /// self-closing.
@@ -304,7 +317,10 @@ impl Router for LocalRouter {
 
     fn pending(&self, local: &str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Vec<(u64, Arc<str>)> {
         match self.offline.list(local, after, upto, limit, max_bytes) {
-            Ok(v) => v.into_iter().map(|(seq, m)| (seq, with_delay(&m.xml, &self.domain, m.ts_ms).into())).collect(),
+            Ok(v) => v
+                .into_iter()
+                .map(|(seq, m)| (seq, with_delay(&repair_stored(local, seq, &m.xml), &self.domain, m.ts_ms).into()))
+                .collect(),
             Err(err) => {
                 tracing::error!(account = local, error = %err, "reading offline queue failed");
                 Vec::new()

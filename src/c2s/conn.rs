@@ -24,6 +24,7 @@ use super::guard::IpSlot;
 use super::sasl::{Bindings, Exchange, Failure, Step};
 use super::session::{Session, Takeover};
 use crate::modules;
+use crate::protocol::element::ParseLimits;
 use crate::protocol::stanza::{stream_error, stream_header};
 use crate::protocol::{Element, Frame, Framer, Jid, ns};
 use crate::server::Server;
@@ -123,11 +124,13 @@ struct Conn {
 
 /// Runs one connection to completion. Never panics on peer input.
 pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls: bool) {
-    let max = srv.cfg.limits.max_stanza_bytes;
+    let l = &srv.cfg.limits;
+    let parse_limits = ParseLimits { max_elements: l.max_stanza_elements, max_attributes: l.max_element_attributes };
+    let framer = Framer::with_limits(l.max_stanza_bytes_before_bind.min(l.max_stanza_bytes), parse_limits);
     let mut c = Conn {
         srv,
         io: Io::Plain(sock),
-        framer: Framer::new(max),
+        framer,
         peer,
         phase: Phase::Connected,
         secure: false,
@@ -771,6 +774,7 @@ impl Conn {
         self.session = Some(Session::new(self.srv.clone(), sid, jid));
         self.rx = Some(rx);
         self.phase = Phase::Bound;
+        self.framer.set_max_stanza(self.srv.cfg.limits.max_stanza_bytes);
     }
 
     /// Ends the connection: stream error or closing tag, then session
@@ -862,6 +866,7 @@ impl Conn {
         self.session = Some(s);
         self.rx = Some(srx);
         self.phase = Phase::Bound;
+        self.framer.set_max_stanza(self.srv.cfg.limits.max_stanza_bytes);
     }
 }
 

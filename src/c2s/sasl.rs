@@ -805,6 +805,12 @@ mod tests {
             assert!(matches!(e.step(b"n,,n=15551234567,r=abc"), Step::Challenge(_)));
             assert!(matches!(e.step(bad), Step::Failure(f) if !f.credentials), "{bad:?}");
         }
+        // Client-final messages whose attributes are too short to parse.
+        for bad in [&b""[..], b"c", b"c=biws,r", b"c=biws,r=x,,p=y", b"c=biws,r=x,p"] {
+            let mut e = s.start("SCRAM-SHA-256", Some(&cb), false).unwrap();
+            assert!(matches!(e.step(b"n,,n=15551234567,r=abcdef"), Step::Challenge(_)));
+            assert!(matches!(e.step(bad), Step::Failure(f) if !f.credentials), "{bad:?}");
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub fn handle_iq(s: &mut Session, iq: &Element, to: Option<&Jid>, ps: &Element) 
                     crate::protocol::element::parse_element(&xml, &crate::protocol::element::Scope::client_stream())
             {
                 let mut item = item;
-                item.ns = PUBSUB.to_string();
+                item.ns = PUBSUB.into();
                 out_items.push(item);
             }
             let mut r = iq_result(iq);
@@ -133,7 +133,7 @@ fn publish(s: &mut Session, iq: &Element, ps: &Element) {
 fn notify(srv: &Arc<Server>, owner: &str, node: &str, item: &Element) {
     let bare = format!("{owner}@{}", srv.domain());
     let mut ev_item = item.clone();
-    ev_item.ns = EVENT.to_string();
+    ev_item.ns = EVENT.into();
     let event =
         Element::new("event", EVENT).with_child(Element::stanza("items").with_attr("node", node).with_child(ev_item));
     let mut targets: Vec<String> = vec![owner.to_string()];

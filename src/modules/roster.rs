@@ -15,7 +15,7 @@ pub fn item_element(item: &RosterItem) -> Element {
     let mut el = Element::stanza("item")
         .with_attr("jid", item.jid.as_str())
         .with_attr("subscription", item.subscription.as_str());
-    el.ns = ns::ROSTER.to_string();
+    el.ns = ns::ROSTER.into();
     if let Some(n) = &item.name {
         el.set_attr("name", n.as_str());
     }
@@ -24,7 +24,7 @@ pub fn item_element(item: &RosterItem) -> Element {
     }
     for g in &item.groups {
         let mut ge = Element::stanza("group").with_text(g.as_str());
-        ge.ns = ns::ROSTER.to_string();
+        ge.ns = ns::ROSTER.into();
         el.push(ge);
     }
     el
@@ -145,7 +145,7 @@ fn set(s: &mut Session, iq: &Element, q: &Element) {
         }
         let gone = Element::stanza("item").with_attr("jid", cjid.as_str()).with_attr("subscription", "remove");
         let mut gone = gone;
-        gone.ns = ns::ROSTER.to_string();
+        gone.ns = ns::ROSTER.into();
         push(&s.srv, &s.local, &gone);
     } else {
         let mut item = existing.unwrap_or_else(|| RosterItem { jid: cjid.clone(), ..Default::default() });

@@ -9,7 +9,9 @@
 //!
 //! [`Framer`]: super::framer::Framer
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use quick_xml::events::{BytesStart, Event};
 
@@ -19,6 +21,69 @@ use super::ns;
 /// serialisation is bounded by this, so a hostile `<a><a><a>…` cannot
 /// overflow the stack.
 pub const MAX_DEPTH: usize = 48;
+
+/// A resolved namespace URI.
+///
+/// Reference-counted so that every element in a scope shares the one
+/// copy its declaration produced: a long `xmlns` inherited by thousands
+/// of children costs its bytes once, not once per child.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Ns(Arc<str>);
+
+impl Ns {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Ns {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Ns {
+    fn from(s: &str) -> Ns {
+        Ns(Arc::from(s))
+    }
+}
+
+impl From<String> for Ns {
+    fn from(s: String) -> Ns {
+        Ns(Arc::from(s))
+    }
+}
+
+impl From<Ns> for String {
+    fn from(n: Ns) -> String {
+        n.0.to_string()
+    }
+}
+
+impl PartialEq<str> for Ns {
+    fn eq(&self, o: &str) -> bool {
+        &*self.0 == o
+    }
+}
+
+impl PartialEq<&str> for Ns {
+    fn eq(&self, o: &&str) -> bool {
+        &*self.0 == *o
+    }
+}
+
+impl PartialEq<String> for Ns {
+    fn eq(&self, o: &String) -> bool {
+        *self.0 == **o
+    }
+}
+
+impl std::fmt::Display for Ns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// A child of an element.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +98,7 @@ pub struct Element {
     /// Qualified name as written (`message`, `stream:error`).
     pub name: String,
     /// Resolved namespace URI.
-    pub ns: String,
+    pub ns: Ns,
     /// Attributes as written, including `xmlns` declarations.
     pub attrs: Vec<(String, String)>,
     pub children: Vec<Node>,
@@ -48,6 +113,10 @@ pub enum ParseError {
     Restricted(&'static str),
     #[error("element nesting too deep")]
     TooDeep,
+    #[error("too many elements in one stanza")]
+    TooManyElements,
+    #[error("too many attributes on one element")]
+    TooManyAttributes,
     #[error("undeclared namespace prefix {0}")]
     BadPrefix(String),
 }
@@ -58,7 +127,7 @@ impl Element {
     pub fn new(name: &str, ns: &str) -> Element {
         Element {
             name: name.to_string(),
-            ns: ns.to_string(),
+            ns: Ns::from(ns),
             attrs: vec![("xmlns".to_string(), ns.to_string())],
             children: Vec::new(),
         }
@@ -67,7 +136,7 @@ impl Element {
     /// Creates a stanza-level element in `jabber:client` without an
     /// `xmlns` attribute: it inherits the stream's default namespace.
     pub fn stanza(name: &str) -> Element {
-        Element { name: name.to_string(), ns: ns::CLIENT.to_string(), attrs: Vec::new(), children: Vec::new() }
+        Element { name: name.to_string(), ns: Ns::from(ns::CLIENT), attrs: Vec::new(), children: Vec::new() }
     }
 
     /// Local part of the qualified name.
@@ -164,10 +233,19 @@ impl Element {
     }
 
     /// Appends the XML serialisation of this element to `out`.
+    ///
+    /// The output is well-formed whatever the tree holds: text and values
+    /// go through [`escape_into`], which cannot emit a character XML
+    /// forbids, and a name that is not a valid `QName` (only code could
+    /// build one; the parser refuses them) is written as a placeholder, an
+    /// attribute with such a name is left out.
     pub fn write_to(&self, out: &mut String) {
         out.push('<');
-        out.push_str(&self.name);
+        push_name(&self.name, out);
         for (k, v) in &self.attrs {
+            if !is_qname(k) {
+                continue;
+            }
             out.push(' ');
             out.push_str(k);
             out.push_str("=\"");
@@ -186,7 +264,7 @@ impl Element {
             }
         }
         out.push_str("</");
-        out.push_str(&self.name);
+        push_name(&self.name, out);
         out.push('>');
     }
 
@@ -204,23 +282,66 @@ impl std::fmt::Display for Element {
     }
 }
 
+/// Element names that are not `QName`s are written as this.
+const INVALID_NAME: &str = "invalid-name";
+
+fn push_name(name: &str, out: &mut String) {
+    out.push_str(if is_qname(name) { name } else { INVALID_NAME });
+}
+
 /// Escapes text or attribute content.
+///
+/// Characters outside the XML `Char` production (C0 controls other than
+/// tab, newline and carriage return; U+FFFE and U+FFFF) become U+FFFD, so
+/// nothing written through here can make a peer's parser reject the
+/// stream. Carriage returns, and in attributes tabs and newlines, are
+/// written as character references so the receiver reads back the same
+/// value rather than a normalised one.
 pub fn escape_into(s: &str, out: &mut String, attr: bool) {
+    let bytes = s.as_bytes();
     let mut last = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let rep = match b {
-            b'<' => "&lt;",
-            b'>' => "&gt;",
-            b'&' => "&amp;",
-            b'"' if attr => "&quot;",
-            b'\'' if attr => "&apos;",
-            _ => continue,
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let (rep, len) = match b {
+            b'<' => ("&lt;", 1),
+            b'>' => ("&gt;", 1),
+            b'&' => ("&amp;", 1),
+            b'"' if attr => ("&quot;", 1),
+            b'\'' if attr => ("&apos;", 1),
+            b'\r' => ("&#xD;", 1),
+            b'\n' if attr => ("&#xA;", 1),
+            b'\t' if attr => ("&#x9;", 1),
+            b'\t' | b'\n' => {
+                i += 1;
+                continue;
+            }
+            0..=0x1F => ("\u{FFFD}", 1),
+            // U+FFFE and U+FFFF: EF BF BE / EF BF BF.
+            0xEF if bytes.get(i + 1) == Some(&0xBF) && matches!(bytes.get(i + 2), Some(0xBE | 0xBF)) => ("\u{FFFD}", 3),
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.push_str(&s[last..i]);
         out.push_str(rep);
-        last = i + 1;
+        i += len;
+        last = i;
     }
     out.push_str(&s[last..]);
+}
+
+/// Returns `s` with every character outside the XML `Char` production
+/// replaced by U+FFFD, borrowing when there is none (the common case).
+///
+/// For serialised XML produced before input was checked: replacing a
+/// character keeps the document's structure, so it stays the same stanza.
+pub fn repair_xml_chars(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().all(is_xml_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(s.chars().map(|c| if is_xml_char(c) { c } else { '\u{FFFD}' }).collect())
 }
 
 /// Escapes into a new string.
@@ -230,61 +351,170 @@ pub fn escape(s: &str) -> String {
     o
 }
 
-/// Namespace scope: prefix → uri bindings in effect for one element.
+/// Limits on the shape of one stanza, on top of its size in bytes. They
+/// keep the memory of a parsed tree within a small multiple of the bytes
+/// that produced it: an empty `<a/>` is four bytes on the wire but an
+/// element in memory, and an attribute `a=''` likewise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParseLimits {
+    /// Elements in one stanza, the root included.
+    pub max_elements: usize,
+    /// Attributes (namespace declarations included) on one element.
+    pub max_attributes: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        ParseLimits { max_elements: 4096, max_attributes: 64 }
+    }
+}
+
+/// Namespace scope in effect where a stanza starts (the stream's default
+/// namespace and its declared prefixes).
 #[derive(Clone, Debug)]
 pub struct Scope {
-    pub default_ns: String,
-    pub prefixes: Vec<(String, String)>,
+    pub default_ns: Ns,
+    pub prefixes: Vec<(String, Ns)>,
 }
 
 impl Scope {
     /// The scope in effect inside a client stream.
     pub fn client_stream() -> Scope {
         Scope {
-            default_ns: ns::CLIENT.to_string(),
-            prefixes: vec![("stream".to_string(), ns::STREAM.to_string()), ("xml".to_string(), ns::XML.to_string())],
+            default_ns: Ns::from(ns::CLIENT),
+            prefixes: vec![("stream".to_string(), Ns::from(ns::STREAM)), ("xml".to_string(), Ns::from(ns::XML))],
         }
-    }
-
-    fn lookup(&self, prefix: &str) -> Option<&str> {
-        self.prefixes.iter().rev().find(|(p, _)| p == prefix).map(|(_, u)| u.as_str())
-    }
-
-    /// Derives the child scope from a start tag's attributes and resolves
-    /// the element's own namespace.
-    fn enter(&self, qname: &str, attrs: &[(String, String)]) -> Result<(Scope, String), ParseError> {
-        let mut scope = self.clone();
-        for (k, v) in attrs {
-            if k == "xmlns" {
-                scope.default_ns = v.clone();
-            } else if let Some(p) = k.strip_prefix("xmlns:") {
-                scope.prefixes.push((p.to_string(), v.clone()));
-            }
-        }
-        let ns = match qname.split_once(':') {
-            Some((p, _)) => scope.lookup(p).ok_or_else(|| ParseError::BadPrefix(p.to_string()))?.to_string(),
-            None => scope.default_ns.clone(),
-        };
-        Ok((scope, ns))
     }
 }
+
+/// The namespace bindings in effect while one stanza is parsed.
+///
+/// Declarations are pushed when their element opens and popped when it
+/// closes, so an element never copies its parent's scope: a lookup is one
+/// hash probe and the total work is linear in the number of declarations.
+/// URIs are [`Ns`] handles, so every element in a scope shares one copy.
+struct Bindings<'a> {
+    base: &'a Scope,
+    defaults: Vec<Ns>,
+    prefixes: HashMap<String, Vec<Ns>>,
+    /// What each open element declared, in order: `None` is a default
+    /// namespace, `Some(p)` a prefix. `marks` holds where each open
+    /// element's entries start.
+    undo: Vec<Option<String>>,
+    marks: Vec<usize>,
+}
+
+impl<'a> Bindings<'a> {
+    fn new(base: &'a Scope) -> Self {
+        Bindings { base, defaults: Vec::new(), prefixes: HashMap::new(), undo: Vec::new(), marks: Vec::new() }
+    }
+
+    fn lookup(&self, prefix: &str) -> Option<&Ns> {
+        if let Some(u) = self.prefixes.get(prefix).and_then(|v| v.last()) {
+            return Some(u);
+        }
+        self.base.prefixes.iter().rev().find(|(p, _)| p == prefix).map(|(_, u)| u)
+    }
+
+    fn default_ns(&self) -> &Ns {
+        self.defaults.last().unwrap_or(&self.base.default_ns)
+    }
+
+    /// Opens an element: applies its declarations and resolves the
+    /// namespaces of its name and prefixed attributes.
+    fn enter(&mut self, qname: &str, attrs: &[(String, String)]) -> Result<Ns, ParseError> {
+        self.marks.push(self.undo.len());
+        for (k, v) in attrs {
+            if k == "xmlns" {
+                if v == ns::XML || v == XMLNS_URI {
+                    return Err(ParseError::NotWellFormed("reserved namespace as default".into()));
+                }
+                self.defaults.push(Ns::from(v.as_str()));
+                self.undo.push(None);
+            } else if let Some(p) = k.strip_prefix("xmlns:") {
+                if v.is_empty() {
+                    return Err(ParseError::NotWellFormed(format!("empty namespace for prefix {p}")));
+                }
+                let reserved = p == "xmlns" || (p == "xml") != (v == ns::XML) || v == XMLNS_URI;
+                if reserved {
+                    return Err(ParseError::NotWellFormed(format!("reserved prefix or namespace {p}")));
+                }
+                self.prefixes.entry(p.to_string()).or_default().push(Ns::from(v.as_str()));
+                self.undo.push(Some(p.to_string()));
+            }
+        }
+        for (k, _) in attrs {
+            if let Some((p, _)) = k.split_once(':')
+                && p != "xmlns"
+                && self.lookup(p).is_none()
+            {
+                return Err(ParseError::BadPrefix(p.to_string()));
+            }
+        }
+        match qname.split_once(':') {
+            Some(("xmlns", _)) => Err(ParseError::NotWellFormed("element with prefix xmlns".into())),
+            Some((p, _)) => self.lookup(p).cloned().ok_or_else(|| ParseError::BadPrefix(p.to_string())),
+            None => Ok(self.default_ns().clone()),
+        }
+    }
+
+    /// Closes the innermost open element, dropping its declarations.
+    fn leave(&mut self) {
+        let mark = self.marks.pop().unwrap_or(0);
+        while self.undo.len() > mark {
+            match self.undo.pop() {
+                Some(None) => {
+                    self.defaults.pop();
+                }
+                Some(Some(p)) => {
+                    if let Some(v) = self.prefixes.get_mut(&p) {
+                        v.pop();
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// The namespace of `xmlns` declarations, which nothing may bind.
+const XMLNS_URI: &str = "http://www.w3.org/2000/xmlns/";
 
 fn nwf(e: impl std::fmt::Display) -> ParseError {
     ParseError::NotWellFormed(e.to_string())
 }
 
-/// Parses a start tag's name and attributes.
-fn start_parts(s: &BytesStart<'_>) -> Result<(String, Vec<(String, String)>), ParseError> {
+/// Parses a start tag's name and attributes, checking names against the
+/// XML `Name` production (as namespace-qualified names), values against
+/// `Char` (after character references are decoded), the attribute count
+/// and uniqueness (one hash set, so linear in the attributes).
+fn start_parts(s: &BytesStart<'_>, limits: &ParseLimits) -> Result<(String, Vec<(String, String)>), ParseError> {
     let name = std::str::from_utf8(s.name().as_ref()).map_err(nwf)?.to_string();
+    if !is_qname(&name) {
+        return Err(ParseError::NotWellFormed("invalid element name".into()));
+    }
     let mut attrs: Vec<(String, String)> = Vec::new();
-    for a in s.attributes() {
+    let mut seen: HashSet<&[u8]> = HashSet::new();
+    let mut it = s.attributes();
+    it.with_checks(false);
+    for a in it {
         let a = a.map_err(nwf)?;
-        let k = std::str::from_utf8(a.key.as_ref()).map_err(nwf)?.to_string();
-        let v = a.normalized_value(quick_xml::XmlVersion::Implicit1_0).map_err(nwf)?.into_owned();
-        if attrs.iter().any(|(x, _)| *x == k) {
-            return Err(ParseError::NotWellFormed(format!("duplicate attribute {k}")));
+        if attrs.len() >= limits.max_attributes {
+            return Err(ParseError::TooManyAttributes);
         }
-        attrs.push((k, v));
+        let key = a.key.into_inner();
+        if !seen.insert(key) {
+            return Err(ParseError::NotWellFormed("duplicate attribute".into()));
+        }
+        let k = std::str::from_utf8(key).map_err(nwf)?;
+        if !is_qname(k) {
+            return Err(ParseError::NotWellFormed("invalid attribute name".into()));
+        }
+        let v = a.normalized_value(quick_xml::XmlVersion::Implicit1_0).map_err(nwf)?.into_owned();
+        if let Some(c) = v.chars().find(|c| !is_xml_char(*c)) {
+            return Err(ParseError::NotWellFormed(format!("illegal character U+{:04X} in attribute", c as u32)));
+        }
+        attrs.push((k.to_string(), v));
     }
     Ok((name, attrs))
 }
@@ -294,11 +524,12 @@ fn start_parts(s: &BytesStart<'_>) -> Result<(String, Vec<(String, String)>), Pa
 pub fn parse_start_tag(tag: &[u8], scope: &Scope) -> Result<Element, ParseError> {
     let mut r = quick_xml::Reader::from_reader(tag);
     r.config_mut().check_end_names = false;
+    let limits = ParseLimits::default();
     loop {
         match r.read_event().map_err(nwf)? {
             Event::Start(s) | Event::Empty(s) => {
-                let (name, attrs) = start_parts(&s)?;
-                let (_, ns) = scope.enter(&name, &attrs)?;
+                let (name, attrs) = start_parts(&s, &limits)?;
+                let ns = Bindings::new(scope).enter(&name, &attrs)?;
                 return Ok(Element { name, ns, attrs, children: Vec::new() });
             }
             Event::Decl(_) | Event::Text(_) => continue,
@@ -308,14 +539,29 @@ pub fn parse_start_tag(tag: &[u8], scope: &Scope) -> Result<Element, ParseError>
     }
 }
 
+/// Parses exactly one complete element (a stanza) from `bytes` with the
+/// default [`ParseLimits`].
+///
+/// # Errors
+/// See [`parse_element_with`].
+pub fn parse_element(bytes: &[u8], scope: &Scope) -> Result<Element, ParseError> {
+    parse_element_with(bytes, scope, &ParseLimits::default())
+}
+
 /// Parses exactly one complete element (a stanza) from `bytes`.
+///
+/// Time and memory are linear in `bytes.len()`: namespace scopes are
+/// shared, not copied, every check is a single pass, and `limits` bound
+/// the elements and attributes that a few bytes each could otherwise
+/// multiply into large trees.
 ///
 /// # Errors
 /// Anything other than a single well-formed element with predefined or
 /// character entities only: DTDs, processing instructions and comments are
-/// [`ParseError::Restricted`], everything else malformed is
-/// [`ParseError::NotWellFormed`].
-pub fn parse_element(bytes: &[u8], scope: &Scope) -> Result<Element, ParseError> {
+/// [`ParseError::Restricted`], too many elements or attributes
+/// [`ParseError::TooManyElements`] / [`ParseError::TooManyAttributes`],
+/// everything else malformed is [`ParseError::NotWellFormed`].
+pub fn parse_element_with(bytes: &[u8], scope: &Scope, limits: &ParseLimits) -> Result<Element, ParseError> {
     let mut r = quick_xml::Reader::from_reader(bytes);
     {
         let c = r.config_mut();
@@ -324,39 +570,43 @@ pub fn parse_element(bytes: &[u8], scope: &Scope) -> Result<Element, ParseError>
         c.expand_empty_elements = false;
         c.trim_text(false);
     }
-    // Stack of open elements with their scopes.
-    let mut stack: Vec<(Element, Scope)> = Vec::new();
+    let mut scopes = Bindings::new(scope);
+    let mut stack: Vec<Element> = Vec::new();
     let mut done: Option<Element> = None;
+    let mut elements = 0usize;
     loop {
         let ev = r.read_event().map_err(nwf)?;
+        let empty = matches!(ev, Event::Empty(_));
         match ev {
-            Event::Start(s) | Event::Empty(s) if done.is_some() => {
-                let _ = s;
+            Event::Start(_) | Event::Empty(_) if done.is_some() => {
                 return Err(ParseError::NotWellFormed("more than one root".into()));
             }
-            Event::Start(s) => {
-                if stack.len() >= MAX_DEPTH {
+            Event::Start(s) | Event::Empty(s) => {
+                elements += 1;
+                if elements > limits.max_elements {
+                    return Err(ParseError::TooManyElements);
+                }
+                if !empty && stack.len() >= MAX_DEPTH {
                     return Err(ParseError::TooDeep);
                 }
-                let (name, attrs) = start_parts(&s)?;
-                let parent = stack.last().map(|(_, sc)| sc).unwrap_or(scope);
-                let (sc, ns) = parent.enter(&name, &attrs)?;
-                stack.push((Element { name, ns, attrs, children: Vec::new() }, sc));
-            }
-            Event::Empty(s) => {
-                let (name, attrs) = start_parts(&s)?;
-                let parent = stack.last().map(|(_, sc)| sc).unwrap_or(scope);
-                let (_, ns) = parent.enter(&name, &attrs)?;
+                let (name, attrs) = start_parts(&s, limits)?;
+                let ns = scopes.enter(&name, &attrs)?;
                 let el = Element { name, ns, attrs, children: Vec::new() };
-                match stack.last_mut() {
-                    Some((p, _)) => p.children.push(Node::Element(el)),
-                    None => done = Some(el),
+                if empty {
+                    scopes.leave();
+                    match stack.last_mut() {
+                        Some(p) => p.children.push(Node::Element(el)),
+                        None => done = Some(el),
+                    }
+                } else {
+                    stack.push(el);
                 }
             }
             Event::End(_) => {
-                let (el, _) = stack.pop().ok_or_else(|| ParseError::NotWellFormed("unbalanced end tag".into()))?;
+                let el = stack.pop().ok_or_else(|| ParseError::NotWellFormed("unbalanced end tag".into()))?;
+                scopes.leave();
                 match stack.last_mut() {
-                    Some((p, _)) => p.children.push(Node::Element(el)),
+                    Some(p) => p.children.push(Node::Element(el)),
                     None => done = Some(el),
                 }
             }
@@ -400,12 +650,12 @@ pub fn parse_element(bytes: &[u8], scope: &Scope) -> Result<Element, ParseError>
     done.ok_or_else(|| ParseError::NotWellFormed("no element".into()))
 }
 
-fn push_text(stack: &mut [(Element, Scope)], s: &str, after_root: bool) -> Result<(), ParseError> {
+fn push_text(stack: &mut [Element], s: &str, after_root: bool) -> Result<(), ParseError> {
     if let Some(c) = s.chars().find(|c| !is_xml_char(*c)) {
         return Err(ParseError::NotWellFormed(format!("illegal character U+{:04X}", c as u32)));
     }
     match stack.last_mut() {
-        Some((p, _)) => {
+        Some(p) => {
             if let Some(Node::Text(prev)) = p.children.last_mut() {
                 prev.push_str(s);
             } else if !s.is_empty() {
@@ -421,6 +671,33 @@ fn push_text(stack: &mut [(Element, Scope)], s: &str, after_root: bool) -> Resul
             }
         }
         None => Err(ParseError::NotWellFormed("text outside element".into())),
+    }
+}
+
+/// XML 1.0 `NameStartChar` without `:` (namespaces reserve it).
+fn is_name_start_char(c: char) -> bool {
+    matches!(c as u32,
+        0x41..=0x5A | 0x5F | 0x61..=0x7A | 0xC0..=0xD6 | 0xD8..=0xF6 | 0xF8..=0x2FF | 0x370..=0x37D
+        | 0x37F..=0x1FFF | 0x200C..=0x200D | 0x2070..=0x218F | 0x2C00..=0x2FEF | 0x3001..=0xD7FF
+        | 0xF900..=0xFDCF | 0xFDF0..=0xFFFD | 0x10000..=0xEFFFF)
+}
+
+/// XML 1.0 `NameChar` without `:`.
+fn is_name_char(c: char) -> bool {
+    is_name_start_char(c) || matches!(c as u32, 0x2D | 0x2E | 0x30..=0x39 | 0xB7 | 0x300..=0x36F | 0x203F..=0x2040)
+}
+
+/// Namespaces in XML `NCName`: an XML `Name` without colons.
+pub fn is_ncname(s: &str) -> bool {
+    let mut cs = s.chars();
+    cs.next().is_some_and(is_name_start_char) && cs.all(is_name_char)
+}
+
+/// Namespaces in XML `QName`: `NCName` or `NCName:NCName`.
+pub fn is_qname(s: &str) -> bool {
+    match s.split_once(':') {
+        Some((p, l)) => is_ncname(p) && is_ncname(l),
+        None => is_ncname(s),
     }
 }
 
@@ -503,6 +780,90 @@ mod tests {
     fn bounds_depth() {
         let deep = "<a>".repeat(MAX_DEPTH + 1) + &"</a>".repeat(MAX_DEPTH + 1);
         assert_eq!(p(&deep), Err(ParseError::TooDeep));
+    }
+
+    #[test]
+    fn refuses_forbidden_characters_and_names() {
+        for bad in [
+            "<message id='&#1;x'/>",
+            "<message id='\u{1}'/>",
+            "<a>&#xFFFE;</a>",
+            "<a>\u{1b}</a>",
+            "<a b='&#x1F;'/>",
+            "<1a/>",
+            "<a 1b='x'/>",
+            "<a:b:c xmlns:a='u'/>",
+            "<a xmlns:b=''/>",
+            "<xmlns:a/>",
+            "<a xmlns:xml='urn:other'/>",
+            "<a b:c='1'/>",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(p("<a xmlns:b='urn:b' b:c='1' d-e.f_g='&#x10000;'>\t&#xD;\u{E000}</a>").is_ok());
+    }
+
+    #[test]
+    fn caps_elements_and_attributes() {
+        let limits = ParseLimits { max_elements: 10, max_attributes: 3 };
+        let sc = Scope::client_stream();
+        let ten = format!("<a>{}</a>", "<b/>".repeat(9));
+        assert!(parse_element_with(ten.as_bytes(), &sc, &limits).is_ok());
+        let eleven = format!("<a>{}</a>", "<b/>".repeat(10));
+        assert_eq!(parse_element_with(eleven.as_bytes(), &sc, &limits), Err(ParseError::TooManyElements));
+        assert!(parse_element_with(b"<a x='1' y='2' z='3'/>", &sc, &limits).is_ok());
+        let four = parse_element_with(b"<a x='1' y='2' z='3' w='4'/>", &sc, &limits);
+        assert_eq!(four, Err(ParseError::TooManyAttributes));
+    }
+
+    #[test]
+    fn duplicate_attributes_among_many() {
+        let mut attrs: Vec<String> = (0..60).map(|i| format!("a{i}='v'")).collect();
+        assert!(p(&format!("<x {}/>", attrs.join(" "))).is_ok());
+        attrs.push("a17='again'".into());
+        assert!(matches!(p(&format!("<x {}/>", attrs.join(" "))), Err(ParseError::NotWellFormed(_))));
+    }
+
+    #[test]
+    fn namespaces_are_scoped_and_shared() {
+        let uri = format!("urn:{}", "n".repeat(1000));
+        let e =
+            p(&format!("<a xmlns:p='urn:p'><q:b xmlns:q='{uri}'><q:c/><d xmlns='urn:d'><q:e/></d></q:b><p:f/></a>"))
+                .unwrap();
+        let b = e.first_element().unwrap();
+        let c = b.first_element().unwrap();
+        assert_eq!(b.ns, uri.as_str());
+        // One copy of the URI for every element in its scope.
+        assert_eq!(b.ns.as_str().as_ptr(), c.ns.as_str().as_ptr());
+        let d = b.elements().nth(1).unwrap();
+        assert_eq!(d.ns, "urn:d");
+        assert_eq!(d.first_element().unwrap().ns.as_str().as_ptr(), b.ns.as_str().as_ptr());
+        assert_eq!(e.elements().nth(1).unwrap().ns, "urn:p");
+        // A prefix declared inside b is gone after it closes.
+        assert!(matches!(p("<a><q:b xmlns:q='urn:q'/><q:c/></a>"), Err(ParseError::BadPrefix(_))));
+        // An inner redeclaration shadows, then the outer binding returns.
+        let e = p("<p:a xmlns:p='urn:1'><p:b xmlns:p='urn:2'/><p:c/></p:a>").unwrap();
+        let ns: Vec<&str> = e.elements().map(|x| x.ns.as_str()).collect();
+        assert_eq!(ns, ["urn:2", "urn:1"]);
+    }
+
+    #[test]
+    fn serialiser_never_writes_forbidden_characters() {
+        let e = Element::stanza("message")
+            .with_attr("id", "a\u{1}b\u{FFFF}\t\n\r")
+            .with_attr("bad name", "dropped")
+            .with_child(Element::stanza("body").with_text("x\u{0}y\u{FFFE}\r\n\u{8}"));
+        let xml = e.to_xml();
+        assert!(xml.chars().all(is_xml_char), "{xml:?}");
+        assert!(!xml.contains("bad name"));
+        let back = p(&xml).unwrap();
+        assert_eq!(back.attr("id"), Some("a\u{FFFD}b\u{FFFD}\t\n\r"));
+        assert_eq!(back.child("body", ns::CLIENT).unwrap().text(), "x\u{FFFD}y\u{FFFD}\r\n\u{FFFD}");
+        let mut odd = Element::stanza("x");
+        odd.name = "1<bad".into();
+        assert!(p(&odd.to_xml()).is_ok());
+        assert_eq!(repair_xml_chars("<a id='\u{1}'/>"), "<a id='\u{FFFD}'/>");
+        assert!(matches!(repair_xml_chars("<a/>"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use memchr::memchr;
 
-use super::element::{Element, ParseError, Scope, parse_element, parse_start_tag};
+use super::element::{Element, ParseError, ParseLimits, Scope, parse_element_with, parse_start_tag};
 use super::ns;
 
 /// Longest stream header accepted.
@@ -43,6 +43,8 @@ pub enum FrameError {
     TooBig(usize),
     #[error("policy-violation: elements nested too deeply")]
     TooDeep,
+    #[error("policy-violation: {0}")]
+    TooMany(&'static str),
     #[error("invalid-namespace: {0}")]
     InvalidNamespace(&'static str),
 }
@@ -53,7 +55,7 @@ impl FrameError {
         match self {
             FrameError::NotWellFormed(_) => "not-well-formed",
             FrameError::Restricted(_) => "restricted-xml",
-            FrameError::TooBig(_) | FrameError::TooDeep => "policy-violation",
+            FrameError::TooBig(_) | FrameError::TooDeep | FrameError::TooMany(_) => "policy-violation",
             FrameError::InvalidNamespace(_) => "invalid-namespace",
         }
     }
@@ -64,6 +66,8 @@ impl From<ParseError> for FrameError {
         match e {
             ParseError::Restricted(r) => FrameError::Restricted(r),
             ParseError::TooDeep => FrameError::TooDeep,
+            ParseError::TooManyElements => FrameError::TooMany("too many elements in one stanza"),
+            ParseError::TooManyAttributes => FrameError::TooMany("too many attributes on one element"),
             ParseError::BadPrefix(p) => FrameError::NotWellFormed(format!("undeclared prefix {p}")),
             ParseError::NotWellFormed(s) => FrameError::NotWellFormed(s),
         }
@@ -86,11 +90,41 @@ pub struct Framer {
     /// Bytes at the front of `buf` already returned; dropped lazily on the
     /// next `feed`, so many stanzas in one read cost one move, not one each.
     consumed: usize,
+    /// Where the scan of the incomplete construct at `pos` (a tag, CDATA
+    /// section or XML declaration) stopped, 0 when none: the next read
+    /// continues from there, so a construct arriving in many small reads
+    /// is scanned once, not once per read.
+    resume: usize,
+    /// Inside that tag scan: the open quote character, or 0.
+    quote: u8,
+    limits: ParseLimits,
 }
 
 impl Framer {
     pub fn new(max_stanza: usize) -> Framer {
-        Framer { buf: Vec::new(), pos: 0, depth: 0, start: None, max_stanza, seen_markup: false, consumed: 0 }
+        Framer::with_limits(max_stanza, ParseLimits::default())
+    }
+
+    /// A framer whose stanzas are also bounded in elements and attributes.
+    pub fn with_limits(max_stanza: usize, limits: ParseLimits) -> Framer {
+        Framer {
+            buf: Vec::new(),
+            pos: 0,
+            depth: 0,
+            start: None,
+            max_stanza,
+            seen_markup: false,
+            consumed: 0,
+            resume: 0,
+            quote: 0,
+            limits,
+        }
+    }
+
+    /// Changes the stanza size limit, e.g. once a resource is bound: before
+    /// that nothing a client must send is more than a few KiB.
+    pub fn set_max_stanza(&mut self, max_stanza: usize) {
+        self.max_stanza = max_stanza;
     }
 
     /// Forgets everything: a new stream starts with the next byte.
@@ -101,6 +135,8 @@ impl Framer {
         self.start = None;
         self.seen_markup = false;
         self.consumed = 0;
+        self.resume = 0;
+        self.quote = 0;
     }
 
     /// Appends received bytes.
@@ -116,6 +152,9 @@ impl Framer {
             self.buf.drain(..c);
             self.pos -= c;
             self.start = self.start.map(|s| s - c);
+            if self.resume > 0 {
+                self.resume -= c;
+            }
             self.consumed = 0;
         }
     }
@@ -146,6 +185,8 @@ impl Framer {
             self.pos = 0;
             self.consumed = 0;
             self.start = None;
+            self.resume = 0;
+            self.quote = 0;
         }
     }
 
@@ -153,15 +194,30 @@ impl Framer {
         self.consumed = upto;
         self.pos = upto;
         self.start = None;
+        self.resume = 0;
+        self.quote = 0;
+    }
+
+    /// Records that the construct at `pos` is incomplete and its scan may
+    /// continue at `at`.
+    fn suspend(&mut self, at: usize) -> Result<Option<Frame>, FrameError> {
+        self.resume = at.max(self.pos + 1);
+        self.check_size(self.buf.len())?;
+        Ok(None)
     }
 
     fn limit(&self) -> usize {
         if self.depth == 0 { MAX_HEADER } else { self.max_stanza }
     }
 
-    fn check_size(&self) -> Result<(), FrameError> {
+    /// Fails when the element being scanned already spans more than the
+    /// limit up to `upto`: the scan position after a complete construct,
+    /// or the end of the buffer inside an incomplete one. Bytes buffered
+    /// after a complete construct may belong to later stanzas and do not
+    /// count.
+    fn check_size(&self, upto: usize) -> Result<(), FrameError> {
         if let Some(s) = self.start
-            && self.buf.len() - s > self.limit()
+            && upto.saturating_sub(s) > self.limit()
         {
             return Err(FrameError::TooBig(self.limit()));
         }
@@ -195,21 +251,24 @@ impl Framer {
             // Inside a top-level element (or its start tag).
             let Some(lt) = memchr(b'<', &self.buf[self.pos..]).map(|i| i + self.pos) else {
                 self.pos = self.buf.len();
-                self.check_size()?;
+                self.check_size(self.buf.len())?;
                 return Ok(None);
             };
             self.pos = lt;
             let Some(&next) = self.buf.get(lt + 1) else {
-                self.check_size()?;
+                self.check_size(self.buf.len())?;
                 return Ok(None);
             };
             match next {
                 b'/' => {
-                    let Some(gt) = memchr(b'>', &self.buf[lt..]).map(|i| i + lt) else {
-                        self.check_size()?;
-                        return Ok(None);
+                    let from = self.resume.max(lt);
+                    let Some(gt) = memchr(b'>', &self.buf[from..]).map(|i| i + from) else {
+                        return self.suspend(self.buf.len());
                     };
+                    // The same limit whether the tag arrived in one read or many.
+                    self.check_size(gt + 1)?;
                     self.pos = gt + 1;
+                    self.resume = 0;
                     self.depth = self.depth.saturating_sub(1);
                     match self.depth {
                         0 => {
@@ -222,12 +281,13 @@ impl Framer {
                 }
                 b'?' => {
                     if self.depth == 0 && !self.seen_markup && self.buf[lt..].starts_with(b"<?xml") {
-                        let Some(end) = memchr::memmem::find(&self.buf[lt..], b"?>") else {
-                            self.check_size()?;
-                            return Ok(None);
+                        let from = self.resume.max(lt);
+                        let Some(end) = memchr::memmem::find(&self.buf[from..], b"?>").map(|i| i + from) else {
+                            return self.suspend(self.buf.len() - 1);
                         };
+                        self.check_size(end + 2)?;
                         self.seen_markup = true;
-                        self.consume(lt + end + 2);
+                        self.consume(end + 2);
                         continue;
                     }
                     if self.depth == 0 && b"<?xml".starts_with(&self.buf[lt..]) {
@@ -242,11 +302,12 @@ impl Framer {
                         return Ok(None);
                     }
                     if self.depth >= 2 && have.starts_with(CDATA) {
-                        let Some(end) = memchr::memmem::find(&have[CDATA.len()..], b"]]>") else {
-                            self.check_size()?;
-                            return Ok(None);
+                        let from = self.resume.max(lt + CDATA.len());
+                        let Some(end) = memchr::memmem::find(&self.buf[from..], b"]]>").map(|i| i + from) else {
+                            return self.suspend(self.buf.len().saturating_sub(2));
                         };
-                        self.pos = lt + CDATA.len() + end + 3;
+                        self.pos = end + 3;
+                        self.resume = 0;
                         continue;
                     }
                     if have.starts_with(b"<!--") {
@@ -258,11 +319,13 @@ impl Framer {
                     return Err(FrameError::Restricted("DTD"));
                 }
                 _ => {
-                    let Some(gt) = find_tag_end(&self.buf[lt..])? else {
-                        self.check_size()?;
-                        return Ok(None);
+                    let from = self.resume.max(lt + 1);
+                    let Some(gt) = find_tag_end(&self.buf, from, &mut self.quote)? else {
+                        return self.suspend(self.buf.len());
                     };
-                    let gt = gt + lt;
+                    self.check_size(gt + 1)?;
+                    self.resume = 0;
+                    self.quote = 0;
                     self.seen_markup = true;
                     let empty = self.buf[gt - 1] == b'/';
                     self.pos = gt + 1;
@@ -291,7 +354,7 @@ impl Framer {
                     }
                 }
             }
-            self.check_size()?;
+            self.check_size(self.pos)?;
         }
     }
 
@@ -300,7 +363,7 @@ impl Framer {
         if end - start > self.max_stanza {
             return Err(FrameError::TooBig(self.max_stanza));
         }
-        let el = parse_element(&self.buf[start..end], client_scope())?;
+        let el = parse_element_with(&self.buf[start..end], client_scope(), &self.limits)?;
         self.consume(end);
         Ok(Frame::Stanza(el))
     }
@@ -313,20 +376,21 @@ fn client_scope() -> &'static Scope {
     SCOPE.get_or_init(Scope::client_stream)
 }
 
-/// Finds the `>` closing a start tag, skipping quoted attribute values.
-fn find_tag_end(tag: &[u8]) -> Result<Option<usize>, FrameError> {
-    let mut quote = 0u8;
-    for (i, &b) in tag.iter().enumerate().skip(1) {
-        if quote != 0 {
-            if b == quote {
-                quote = 0;
+/// Finds the `>` closing a start tag, skipping quoted attribute values,
+/// scanning `buf` from `from` with the quote state `quote` left by the
+/// previous call (updated in place when the tag is still incomplete).
+fn find_tag_end(buf: &[u8], from: usize, quote: &mut u8) -> Result<Option<usize>, FrameError> {
+    for (i, &b) in buf.iter().enumerate().skip(from) {
+        if *quote != 0 {
+            if b == *quote {
+                *quote = 0;
             } else if b == b'<' {
                 return Err(FrameError::NotWellFormed("'<' in attribute value".into()));
             }
             continue;
         }
         match b {
-            b'"' | b'\'' => quote = b,
+            b'"' | b'\'' => *quote = b,
             b'>' => return Ok(Some(i)),
             b'<' => return Err(FrameError::NotWellFormed("'<' inside tag".into())),
             _ => {}
@@ -399,6 +463,83 @@ mod tests {
     fn oversized_stanza_is_policy_violation_before_completion() {
         let big = format!("<message><body>{}", "x".repeat(2000));
         assert_eq!(frames(&[HDR, &big]), Err(FrameError::TooBig(1024)));
+    }
+
+    /// Feeds `doc` one byte at a time and returns the frames.
+    fn bytewise(f: &mut Framer, doc: &[u8]) -> Result<Vec<Frame>, FrameError> {
+        let mut out = Vec::new();
+        for b in doc {
+            f.feed(std::slice::from_ref(b));
+            while let Some(fr) = f.next_frame()? {
+                out.push(fr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A 200 KB start tag and a 200 KB CDATA section arriving a byte per
+    /// read are scanned once each: rescanning from the start on every read
+    /// would be 2·10¹⁰ byte visits, minutes rather than well under a second.
+    #[test]
+    fn incomplete_constructs_resume_where_they_stopped() {
+        let attrs: String = (0..2000).map(|i| format!(" a{i}='{}>'", "v".repeat(90))).collect();
+        let tag = format!("{HDR}<message{attrs}/>");
+        let cdata = format!("<message><body><![CDATA[{}]]]]></body></message>", "]".repeat(200_000));
+        let t = std::time::Instant::now();
+        let limits = ParseLimits { max_elements: 4096, max_attributes: 4096 };
+        let out = bytewise(&mut Framer::with_limits(1 << 20, limits), format!("{tag}{cdata}").as_bytes()).unwrap();
+        let elapsed = t.elapsed();
+        assert_eq!(out.len(), 3);
+        assert!(matches!(&out[1], Frame::Stanza(m) if m.attrs.len() == 2000));
+        assert!(matches!(&out[2], Frame::Stanza(m) if m.child("body", ns::CLIENT).unwrap().text().len() == 200_002));
+        assert!(elapsed < std::time::Duration::from_secs(20), "{elapsed:?}");
+    }
+
+    #[test]
+    fn split_declaration_end_tag_and_quotes() {
+        let doc = format!("{HDR}<message id=\"a'>\" b='\">'><body>x</body></message>");
+        let mut f = Framer::new(1024);
+        let out = bytewise(&mut f, doc.as_bytes()).unwrap();
+        assert!(matches!(&out[1], Frame::Stanza(m) if m.attr("id") == Some("a'>") && m.attr("b") == Some("\">")));
+    }
+
+    #[test]
+    fn size_limit_can_grow_after_binding() {
+        let body = format!("<message><body>{}</body></message>", "x".repeat(3000));
+        let mut f = Framer::new(2048);
+        f.feed(HDR.as_bytes());
+        assert!(matches!(f.next_frame(), Ok(Some(Frame::Header(_)))));
+        f.set_max_stanza(8192);
+        f.feed(body.as_bytes());
+        assert!(matches!(f.next_frame(), Ok(Some(Frame::Stanza(_)))));
+        f.set_max_stanza(2048);
+        f.feed(body.as_bytes());
+        assert_eq!(f.next_frame(), Err(FrameError::TooBig(2048)));
+    }
+
+    #[test]
+    fn element_and_attribute_caps_are_policy_violations() {
+        let mut f = Framer::with_limits(1 << 20, ParseLimits { max_elements: 8, max_attributes: 4 });
+        f.feed(HDR.as_bytes());
+        let _ = f.next_frame();
+        f.feed(format!("<iq>{}</iq>", "<a/>".repeat(8)).as_bytes());
+        let e = f.next_frame().unwrap_err();
+        assert_eq!(e.condition(), "policy-violation");
+        let mut f = Framer::with_limits(1 << 20, ParseLimits { max_elements: 8, max_attributes: 4 });
+        f.feed(HDR.as_bytes());
+        let _ = f.next_frame();
+        f.feed(b"<iq a='' b='' c='' d='' e=''/>");
+        assert_eq!(f.next_frame().unwrap_err().condition(), "policy-violation");
+    }
+
+    /// Found by fuzzing: bytes of later stanzas already buffered counted
+    /// against the size of the one being scanned, so a small stanza read
+    /// together with much more was refused as too big.
+    #[test]
+    fn buffered_bytes_after_a_stanza_do_not_count_against_it() {
+        let doc = format!("{HDR}<message><body>x</body></message>{}", "<presence/>".repeat(200));
+        let out = frames(&[&doc]).unwrap();
+        assert_eq!(out.len(), 202);
     }
 
     #[test]

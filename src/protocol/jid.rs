@@ -48,11 +48,15 @@ impl Jid {
         {
             return Err(JidError);
         }
-        Ok(Jid {
-            local: local.map(|l| l.to_lowercase()),
-            domain: domain.trim_end_matches('.').to_lowercase(),
-            resource: resource.map(str::to_string),
-        })
+        // Checked again after normalisation: a domain of dots trims to
+        // nothing, and lowercasing can lengthen a part past the limit; a
+        // JID must print as a string that parses back to itself.
+        let local = local.map(|l| l.to_lowercase());
+        let domain = domain.trim_end_matches('.').to_lowercase();
+        if !ok(&domain) || local.as_deref().is_some_and(|l| !ok(l)) {
+            return Err(JidError);
+        }
+        Ok(Jid { local, domain, resource: resource.map(str::to_string) })
     }
 
     pub fn bare(&self) -> Jid {
@@ -112,7 +116,7 @@ mod tests {
 
     #[test]
     fn rejects_bad() {
-        for s in ["", "@x", "a@", "a@b/", "a b@c", "a@b@c", "a<@b"] {
+        for s in ["", "@x", "a@", "a@b/", "a b@c", "a@b@c", "a<@b", ".", "a@...", "x@../r"] {
             assert!(Jid::parse(s).is_err(), "{s}");
         }
     }

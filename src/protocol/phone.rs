@@ -35,6 +35,18 @@ pub fn region(code: &str) -> Option<Id> {
 /// [`PhoneError`] when the input is not a number of a known country with a
 /// possible length.
 pub fn normalize(input: &str, default_region: Option<Id>) -> Result<String, PhoneError> {
+    let digits = normalize_once(input, default_region)?;
+    // An account name must be its own normal form. libphonenumber accepts
+    // lengths that exist only for local dialling (7 digits in NANP); the
+    // digits of such a number read back as E.164 are another number, so
+    // the same person could end up with two account names.
+    match normalize_once(&format!("+{digits}"), None) {
+        Ok(again) if again == digits => Ok(digits),
+        _ => Err(PhoneError::Invalid(input.to_string())),
+    }
+}
+
+fn normalize_once(input: &str, default_region: Option<Id>) -> Result<String, PhoneError> {
     let trimmed = input.trim();
     if trimmed.is_empty() || trimmed.len() > 40 {
         return Err(PhoneError::Unparsable(input.to_string()));
@@ -104,5 +116,14 @@ mod tests {
         }
         assert!(is_account_local("15551234567"));
         assert!(!is_account_local("alice"));
+    }
+
+    /// Found by fuzzing: a 7-digit NANP local number was accepted as
+    /// `1` + 7 digits, which reads back as a different number.
+    #[test]
+    fn local_only_lengths_are_not_account_names() {
+        assert!(normalize("34556*45", region("US")).is_err());
+        assert!(normalize("345 5645", region("US")).is_err());
+        assert_eq!(normalize("(555) 123-4567", region("US")).as_deref(), Ok("15551234567"));
     }
 }

@@ -16,6 +16,13 @@ BILLION_LAUGHS = (
 
 BIG = "A" * 300_000  # above the default max_stanza_bytes (262144)
 
+# A 60 KB default namespace inherited by 48,000 empty children, and 8,000
+# prefix declarations with 29,000 children: both once multiplied into GiBs
+# or tens of CPU seconds; now over the element limit.
+MEMORY_BOMB = f"<iq type='get' id='m' xmlns='urn:{'x' * 59_996}'>" + "<a/>" * 48_000 + "</iq>"
+CPU_BOMB = ("<iq type='get' id='c' " + " ".join(f"xmlns:p{i}='u'" for i in range(8000)) + ">"
+            + "<a/>" * 29_000 + "</iq>")
+
 # (id, stage, payload, condition). Stages: "first" — the payload is the
 # first thing on the connection; "preauth" — after a stream header, before
 # SASL; "bound" — in an authenticated, bound session (after STARTTLS).
@@ -66,6 +73,16 @@ CASES = [
      "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
      "xmlns:stream='http://etherx.jabber.org/streams' to='localhost'>", "unsupported-version"),
     ("unknown-top-level-element", "bound", "<foo xmlns='urn:example:x'/>", "unsupported-stanza-type"),
+    ("control-char-reference-in-attribute", "bound",
+     f"<message to='{bare(BOB)}' type='chat' id='&#1;x'><body>poison</body></message>", "not-well-formed"),
+    ("raw-control-char-in-attribute", "bound",
+     f"<message to='{bare(BOB)}' type='chat' id='\x1b'><body>x</body></message>", "not-well-formed"),
+    ("invalid-element-name", "bound", f"<message to='{bare(BOB)}'><1body>x</1body></message>", "not-well-formed"),
+    ("memory-bomb-preauth", "preauth", MEMORY_BOMB, "policy-violation"),
+    ("memory-bomb-bound", "bound", MEMORY_BOMB, "policy-violation"),
+    ("cpu-bomb-bound", "bound", CPU_BOMB, "policy-violation"),
+    ("too-many-attributes", "bound",
+     f"<message to='{bare(BOB)}' " + " ".join(f"a{i}='x'" for i in range(100)) + "/>", "policy-violation"),
 ]
 
 
