@@ -406,7 +406,12 @@ impl OfflineStore for FjallStore {
         let mut keys = Vec::with_capacity(seqs.len());
         let mut gone = Vec::with_capacity(seqs.len());
         let mut values = Vec::with_capacity(seqs.len());
-        for s in seqs {
+        // A number named twice is one message: reporting it twice would
+        // make the caller's queue usage count it out twice.
+        let mut seqs = seqs.to_vec();
+        seqs.sort_unstable();
+        seqs.dedup();
+        for s in &seqs {
             let k = offline_key(local, *s);
             if let Some(v) = self.offline.get(&k).map_err(eng)? {
                 // The queue usage counted the plaintext stanza when it was

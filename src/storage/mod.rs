@@ -259,7 +259,8 @@ pub trait OfflineStore: Send + Sync {
     /// raises each recipient's sequence mark to its highest number in it.
     fn push(&self, items: &[(&str, u64, &StoredMessage)]) -> Result<Ticket>;
     /// Deletes the given sequence numbers of one recipient; returns what
-    /// the deleted messages were (those that existed).
+    /// the deleted messages were (those that existed), each once however
+    /// often `seqs` names it, in no particular order.
     fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, Vec<QueuedMeta>)>;
     /// Messages of `local` with `after < seq <= upto`, in order: at most
     /// `limit`, and no more once `max_bytes` of stanzas are read (the
