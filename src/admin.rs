@@ -174,10 +174,8 @@ pub fn erase_account_data(stores: &Stores, srv: Option<&Server>, local: &str) ->
     crate::modules::groups::forget_account(stores, local);
     let ticket = stores.settings.clear_settings(local)?;
     if let Some(srv) = srv {
-        srv.registry.with(local, |e| {
-            e.queue = Some(Default::default());
-            e.policy = None;
-        });
+        srv.router.queue_changed(Some(local));
+        srv.policies.forget(local);
     }
     Ok(ticket)
 }

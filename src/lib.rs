@@ -3,9 +3,10 @@
 //! # Layout
 //! - [`protocol`]: pure XML framing, stanzas, JIDs, phone numbers (no IO).
 //! - [`c2s`]: client connections: negotiation, TLS, SASL, the session loop.
-//! - [`session`]: the registry of live sessions per account.
 //! - [`router`]: where a stanza goes (live session, offline queue); the
-//!   seam for a multi-node backend.
+//!   only way to other sessions, and the seam for a multi-node backend.
+//! - [`hooks`]: the module registry: stanza stages, iq handlers, nonzas,
+//!   disco features, lifecycle hooks.
 //! - [`modules`]: one module per feature or XEP.
 //! - [`storage`]: storage traits, the fjall engine, the in-memory engine.
 //! - [`accounts`], [`admin`]: credentials and the admin interface.
@@ -19,11 +20,11 @@ pub mod api;
 pub mod c2s;
 pub mod config;
 pub mod fuzz;
+pub mod hooks;
 pub mod http;
 pub mod media;
 pub mod modules;
 pub mod protocol;
 pub mod router;
 pub mod server;
-pub mod session;
 pub mod storage;

@@ -11,16 +11,20 @@ use tokio::sync::{Semaphore, broadcast};
 
 use crate::c2s::sasl::Sasl;
 use crate::config::{Config, parse_addr};
+use crate::router::CloseReason;
 use crate::router::{LocalRouter, Router};
-use crate::session::{CloseReason, Outbound, SessionRegistry};
 use crate::storage::Stores;
+
+/// Accounts whose privacy policy one node keeps in memory.
+const POLICY_CACHE_ENTRIES: usize = 1 << 16;
 
 /// State shared by every connection and background task.
 pub struct Server {
     pub cfg: Config,
     pub stores: Stores,
-    pub registry: Arc<SessionRegistry>,
     pub router: Arc<dyn Router>,
+    /// Handlers of every loaded module.
+    pub hooks: crate::hooks::Hooks,
     pub sasl: Sasl,
     /// Per-address caps, login throttle and the password-hashing pool.
     pub guards: crate::c2s::guard::Guards,
@@ -33,6 +37,8 @@ pub struct Server {
     /// XEP-0363 slot issuer, set once the HTTP side is up (see
     /// [`crate::http::start`]); unset when this node offers no uploads.
     pub media: std::sync::OnceLock<Arc<crate::media::slot::Issuer>>,
+    /// Block lists and visibility settings of recently seen accounts.
+    pub policies: crate::modules::privacy::PolicyCache,
     /// Contact-discovery allowance per account.
     pub discovery: crate::modules::discovery::Throttle,
     /// Group creations per account.
@@ -51,10 +57,8 @@ impl Server {
     /// # Errors
     /// TLS material or store failures.
     pub fn new(cfg: Config, stores: Stores) -> anyhow::Result<Arc<Server>> {
-        let registry = Arc::new(SessionRegistry::default());
         let router: Arc<dyn Router> = Arc::new(LocalRouter::new(
             &cfg.domain,
-            registry.clone(),
             stores.offline.clone(),
             stores.users.clone(),
             crate::router::Limits::from_config(&cfg),
@@ -67,8 +71,8 @@ impl Server {
         Ok(Arc::new(Server {
             cfg,
             stores,
-            registry,
             router,
+            hooks: crate::hooks::Hooks::build(crate::modules::ALL),
             sasl,
             guards,
             tls,
@@ -77,6 +81,7 @@ impl Server {
             shutdown: broadcast::channel(1).0,
             resumable: Default::default(),
             media: Default::default(),
+            policies: crate::modules::privacy::PolicyCache::new(POLICY_CACHE_ENTRIES),
             discovery: Default::default(),
             group_creations: Default::default(),
             group_bytes: Default::default(),
@@ -96,9 +101,7 @@ impl Server {
 
     /// Ends every session of an account (deleted, or its password changed).
     pub fn kick_account(&self, local: &str) {
-        for s in self.registry.sessions(local) {
-            let _ = s.tx.try_send(Outbound::Close(CloseReason::AccountGone));
-        }
+        self.router.close_sessions(local, CloseReason::AccountGone, None);
     }
 }
 
@@ -223,9 +226,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = srv.shutdown.send(());
-    for s in srv.registry.all() {
-        let _ = s.tx.try_send(Outbound::Close(CloseReason::Shutdown));
-    }
+    srv.router.close_all(CloseReason::Shutdown);
     for t in &tasks {
         t.abort();
     }

@@ -27,8 +27,8 @@ use crate::modules;
 use crate::protocol::element::ParseLimits;
 use crate::protocol::stanza::{stream_error, stream_header};
 use crate::protocol::{Element, Frame, Framer, Jid, ns};
+use crate::router::{Outbound, OutboundRx, outbound_channel};
 use crate::server::Server;
-use crate::session::{CloseReason, Outbound, OutboundRx, SessionHandle, outbound_channel};
 use crate::storage::wait_durable;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -761,10 +761,7 @@ impl Conn {
         let (tx, rx) =
             outbound_channel(self.srv.cfg.limits.session_queue.max(16), self.srv.cfg.delivery.max_outbound_bytes);
         let sid = self.srv.next_id();
-        let handle = SessionHandle::new(sid, resource.clone(), tx);
-        for old in self.srv.registry.bind(&local, handle, self.srv.cfg.limits.max_resources) {
-            let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
-        }
+        self.srv.router.bind(&local, sid, &resource, tx, self.srv.cfg.limits.max_resources);
         self.out.push_str(&format!(
             "<iq type='result' id='{}'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>{}</jid></bind></iq>",
             crate::protocol::element::escape(&id),

@@ -11,11 +11,12 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::hooks::Stage;
 use crate::modules;
 use crate::protocol::stanza::{StanzaError, error_reply};
 use crate::protocol::{Element, Jid, ns};
+use crate::router::{CloseReason, Outbound, OutboundRx};
 use crate::server::Server;
-use crate::session::{CloseReason, Outbound, OutboundRx};
 use crate::storage::Ticket;
 
 /// XEP-0198 state of one stream.
@@ -91,10 +92,8 @@ pub struct Session {
     /// A newer session bound the same resource: this one ends without
     /// broadcasting unavailable presence for the resource.
     pub replaced: bool,
-    /// XEP-0352: the client said it is inactive.
-    pub inactive: bool,
-    /// Stanzas held back while inactive.
-    pub held: Vec<Arc<str>>,
+    /// State modules keep about this session.
+    pub ext: crate::hooks::Extensions,
     /// Highest offline sequence number written to this stream; a later
     /// initial presence (after going unavailable) reads the queue from
     /// here, so messages already on this stream are not sent twice.
@@ -122,8 +121,7 @@ impl Session {
             resume_id: None,
             takeover: None,
             replaced: false,
-            inactive: false,
-            held: Vec::new(),
+            ext: Default::default(),
             max_seq_sent: 0,
         }
     }
@@ -188,7 +186,8 @@ impl Session {
     pub fn outbound(&mut self, o: Outbound) {
         match o {
             Outbound::Stanza(xml) => {
-                if !modules::csi::hold(self, &xml) {
+                let srv = self.srv.clone();
+                if let Some(xml) = srv.hooks.run_outgoing(self, xml) {
                     self.send_xml(xml, None);
                 }
             }
@@ -217,9 +216,10 @@ impl Session {
     /// had acknowledged stay in the store for the next login.
     pub fn end(mut self) {
         if !self.replaced {
-            modules::presence::session_ended(&mut self);
+            let srv = self.srv.clone();
+            srv.hooks.run_session_ended(&mut self);
         }
-        self.srv.registry.unbind(&self.local, self.id, crate::accounts::now_ms());
+        self.srv.router.unbind(&self.local, self.id);
         if let Some(id) = self.resume_id.take()
             && let Ok(mut t) = self.srv.resumable.lock()
         {
@@ -261,15 +261,18 @@ impl Session {
                     }
                 },
             };
-            match el.local_name() {
-                "message" => modules::message::handle(self, el, to),
-                "presence" => modules::presence::handle(self, el, to),
-                _ => modules::iq::handle(self, el, to),
-            }
+            let stage = match el.local_name() {
+                "message" => Stage::Message,
+                "presence" => Stage::Presence,
+                _ => Stage::Iq,
+            };
+            let srv = self.srv.clone();
+            srv.hooks.run_stage(stage, self, el, to);
             return;
         }
-        if el.ns == crate::modules::csi::NS {
-            modules::csi::handle(self, &el);
+        let srv = self.srv.clone();
+        if let Some(f) = srv.hooks.nonza_handler(&el.ns) {
+            f(self, &el);
             return;
         }
         self.close("unsupported-stanza-type", Some(format!("<{}/> in {}", el.local_name(), el.ns)));

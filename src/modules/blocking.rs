@@ -6,9 +6,10 @@
 //! all of the blocker's sessions.
 
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};
 use crate::protocol::{Element, Jid};
-use crate::session::Outbound;
+use crate::router::Audience;
 
 use super::privacy::{self, Policy};
 
@@ -17,6 +18,15 @@ pub const ERRORS: &str = "urn:xmpp:blocking:errors";
 
 /// Most entries in one block list.
 const MAX_BLOCKED: usize = 10_000;
+
+pub const MODULE: Module = Module { name: "blocking", specs: &["XEP-0191"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(NS);
+    for name in ["blocklist", "block", "unblock"] {
+        h.iq_server(GET_SET, NS, name, |s, r| handle_iq(s, r.iq, r.payload));
+    }
+}
 
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
     let srv = s.srv.clone();
@@ -72,16 +82,14 @@ pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
                         && jid.domain == srv.domain()
                         && let Some(l) = jid.local.as_deref()
                     {
-                        for h in srv.registry.sessions(&s.local) {
-                            if h.available {
-                                let un = Element::stanza("presence")
-                                    .with_attr("type", "unavailable")
-                                    .with_attr("from", format!("{}/{}", s.bare(), h.resource))
-                                    .with_attr("to", j.as_str());
-                                for t in srv.registry.sessions(l) {
-                                    let _ = t.tx.try_send(Outbound::Stanza(un.to_xml().into()));
-                                }
-                            }
+                        for h in srv.router.sessions(&s.local).into_iter().filter(|h| h.available) {
+                            let un: std::sync::Arc<str> = Element::stanza("presence")
+                                .with_attr("type", "unavailable")
+                                .with_attr("from", format!("{}/{}", s.bare(), h.resource))
+                                .with_attr("to", j.as_str())
+                                .to_xml()
+                                .into();
+                            srv.router.push(l, Audience::all(), &|_| Some(un.clone()));
                         }
                     }
                 }
@@ -95,14 +103,16 @@ pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
             for j in &jids {
                 push_el.push(Element::stanza("item").with_attr("jid", j.as_str()));
             }
-            for h in srv.registry.sessions(&s.local) {
+            let bare = s.bare();
+            let render = |h: &crate::router::SessionView| {
                 let iqp = Element::stanza("iq")
                     .with_attr("type", "set")
                     .with_attr("id", format!("block{:x}", rand::random::<u32>()))
-                    .with_attr("to", format!("{}/{}", s.bare(), h.resource))
+                    .with_attr("to", format!("{bare}/{}", h.resource))
                     .with_child(push_el.clone());
-                let _ = h.tx.try_send(Outbound::Stanza(iqp.to_xml().into()));
-            }
+                Some(iqp.to_xml().into())
+            };
+            srv.router.push(&s.local, Audience::all(), &render);
         }
         _ => s.reply_error(iq, StanzaError::BadRequest),
     }

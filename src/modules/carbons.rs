@@ -9,13 +9,23 @@
 use std::sync::Arc;
 
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid};
+use crate::router::{Audience, SessionUpdate};
 use crate::server::Server;
-use crate::session::Outbound;
 
 pub const NS: &str = "urn:xmpp:carbons:2";
 pub const FORWARD: &str = "urn:xmpp:forward:0";
+
+pub const MODULE: Module = Module { name: "carbons", specs: &["XEP-0280"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(NS);
+    for name in ["enable", "disable"] {
+        h.iq_server(GET_SET, NS, name, |s, r| handle_iq(s, r.iq, r.payload));
+    }
+}
 
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
     if iq.attr("type") != Some("set") {
@@ -23,12 +33,7 @@ pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
         return;
     }
     let on = q.local_name() == "enable";
-    let id = s.id;
-    s.srv.registry.with(&s.local, |e| {
-        if let Some(h) = e.session_mut(id) {
-            h.carbons = on;
-        }
-    });
+    s.srv.router.update_session(&s.local, s.id, SessionUpdate::Carbons(on));
     let mut r = iq_result(iq);
     r.set_attr("to", s.jid.to_string());
     r.remove_attr("from");
@@ -68,32 +73,22 @@ fn wrap(kind: &str, account_bare: &str, to_full: &str, m: &Element) -> Arc<str> 
 /// Copies `m`, sent by session `from_id` of `local`, to the account's
 /// other carbon-enabled sessions.
 pub fn sent(srv: &Arc<Server>, local: &str, from_id: u64, m: &Element) {
-    let any = srv.registry.peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.id != from_id)).unwrap_or(false);
-    if !any || !eligible(m) {
+    if !eligible(m) {
         return;
     }
     let bare = format!("{local}@{}", srv.domain());
-    for h in srv.registry.sessions(local) {
-        if h.id != from_id && h.carbons {
-            let x = wrap("sent", &bare, &format!("{bare}/{}", h.resource), m);
-            let _ = h.tx.try_send(Outbound::Stanza(x));
-        }
-    }
+    let copy = |h: &crate::router::SessionView| Some(wrap("sent", &bare, &format!("{bare}/{}", h.resource), m));
+    srv.router.push(local, Audience::carbons().except(from_id), &copy);
 }
 
 /// Copies `m`, delivered to the full JID `to`, to the recipient
 /// account's other carbon-enabled sessions.
 pub fn received(srv: &Arc<Server>, to: &Jid, m: &Element) {
     let (Some(local), Some(res)) = (to.local.as_deref(), to.resource.as_deref()) else { return };
-    let any = srv.registry.peek(local, |e| e.sessions.iter().any(|h| h.carbons && h.resource != res)).unwrap_or(false);
-    if !any || to.domain != srv.domain() || !eligible(m) {
+    if to.domain != srv.domain() || !eligible(m) {
         return;
     }
     let bare = to.bare_string();
-    for h in srv.registry.sessions(local) {
-        if h.resource != res && h.carbons && h.available {
-            let x = wrap("received", &bare, &format!("{bare}/{}", h.resource), m);
-            let _ = h.tx.try_send(Outbound::Stanza(x));
-        }
-    }
+    let copy = |h: &crate::router::SessionView| Some(wrap("received", &bare, &format!("{bare}/{}", h.resource), m));
+    srv.router.push(local, Audience::carbons().and_available().except_resource(res), &copy);
 }

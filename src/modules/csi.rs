@@ -7,9 +7,27 @@
 use std::sync::Arc;
 
 use crate::c2s::session::Session;
+use crate::hooks::{Hooks, Module};
 use crate::protocol::Element;
 
 pub const NS: &str = "urn:xmpp:csi:0";
+
+pub const MODULE: Module = Module { name: "csi", specs: &["XEP-0352"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(NS);
+    h.nonza(NS, handle);
+    h.outgoing(|s, xml| if hold(s, &xml) { None } else { Some(xml) });
+}
+
+/// What CSI keeps per session.
+#[derive(Default)]
+struct State {
+    /// The client said it is inactive.
+    inactive: bool,
+    /// Stanzas held back while inactive.
+    held: Vec<Arc<str>>,
+}
 
 /// Most stanzas held for an inactive client before they are flushed
 /// anyway.
@@ -17,9 +35,9 @@ const MAX_HELD: usize = 256;
 
 pub fn handle(s: &mut Session, el: &Element) {
     match el.local_name() {
-        "inactive" => s.inactive = true,
+        "inactive" => s.ext.get::<State>().inactive = true,
         "active" => {
-            s.inactive = false;
+            s.ext.get::<State>().inactive = false;
             flush(s);
         }
         _ => {}
@@ -45,25 +63,22 @@ fn from_attr(xml: &str) -> Option<&str> {
 
 /// Holds `xml` for later; returns false if it must be sent now.
 pub fn hold(s: &mut Session, xml: &Arc<str>) -> bool {
-    if !s.inactive || !deferrable(xml) {
+    if !s.ext.peek::<State>().is_some_and(|c| c.inactive) || !deferrable(xml) {
         return false;
     }
-    if xml.starts_with("<presence") {
-        let from = from_attr(xml).map(str::to_string);
-        s.held.retain(|h| !(h.starts_with("<presence") && from_attr(h).map(str::to_string) == from));
-    } else {
-        let from = from_attr(xml).map(str::to_string);
-        s.held.retain(|h| !(h.starts_with("<message") && from_attr(h).map(str::to_string) == from));
-    }
-    s.held.push(xml.clone());
-    if s.held.len() >= MAX_HELD {
+    let st = s.ext.get::<State>();
+    let kind = if xml.starts_with("<presence") { "<presence" } else { "<message" };
+    let from = from_attr(xml).map(str::to_string);
+    st.held.retain(|h| !(h.starts_with(kind) && from_attr(h).map(str::to_string) == from));
+    st.held.push(xml.clone());
+    if st.held.len() >= MAX_HELD {
         flush(s);
     }
     true
 }
 
 fn flush(s: &mut Session) {
-    for x in std::mem::take(&mut s.held) {
+    for x in std::mem::take(&mut s.ext.get::<State>().held) {
         s.send_xml(x, None);
     }
 }

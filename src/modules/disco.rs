@@ -1,27 +1,34 @@
 //! XEP-0030 Service Discovery for the server and for accounts.
 
+//! The features listed are those the modules registered
+//! ([`crate::hooks::Hooks::disco_feature`]), so the answer cannot drift
+//! from what the server implements.
+
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, IqRequest, IqTarget, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};
 
-/// Features the server itself advertises.
-pub const SERVER_FEATURES: &[&str] = &[
-    ns::DISCO_INFO,
-    ns::DISCO_ITEMS,
-    ns::PING,
-    ns::VERSION,
-    ns::STANZA_ID,
-    ns::DELAY,
-    "msgoffline",
-    "urn:xmpp:csi:0",
-    "urn:xmpp:carbons:2",
-    "urn:xmpp:receipts",
-    "urn:xmpp:blocking",
-    "jabber:iq:last",
-    "urn:chatd:privacy:0",
-    "urn:chatd:discovery:0",
-    "http://jabber.org/protocol/chatstates",
-];
+pub const MODULE: Module = Module { name: "disco", specs: &["XEP-0030"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(ns::DISCO_INFO);
+    h.disco_feature(ns::DISCO_ITEMS);
+    h.account_disco_feature(ns::DISCO_INFO);
+    for q in [ns::DISCO_INFO, ns::DISCO_ITEMS] {
+        h.iq_server(GET_SET, q, "query", |s, r| handle(s, r.iq, r.to, r.payload));
+        h.iq(IqTarget::Account, GET_SET, q, "query", account);
+    }
+}
+
+/// disco of another account's bare JID, answered for accounts that exist.
+fn account(s: &mut Session, r: &IqRequest<'_>) {
+    if r.to.and_then(|j| j.local.as_deref()).is_some_and(|l| s.srv.router.account_exists(l)) {
+        handle(s, r.iq, r.to, r.payload);
+    } else {
+        s.reply_error(r.iq, StanzaError::ServiceUnavailable);
+    }
+}
 
 pub fn handle(s: &mut Session, iq: &Element, to: Option<&Jid>, q: &Element) {
     if iq.attr("type") != Some("get") {
@@ -47,15 +54,19 @@ pub fn handle(s: &mut Session, iq: &Element, to: Option<&Jid>, q: &Element) {
                     .with_attr("type", "im")
                     .with_attr("name", "chatd"),
             );
-            for f in SERVER_FEATURES {
+            let hooks = &s.srv.clone().hooks;
+            for f in hooks.disco_features() {
                 query.push(Element::stanza("feature").with_attr("var", *f));
             }
-            super::upload::disco_info(s, &mut query);
+            for ext in hooks.disco_extensions() {
+                ext(s, &mut query);
+            }
         } else {
             query.push(Element::stanza("identity").with_attr("category", "account").with_attr("type", "registered"));
             query.push(Element::stanza("identity").with_attr("category", "pubsub").with_attr("type", "pep"));
-            query.push(Element::stanza("feature").with_attr("var", ns::DISCO_INFO));
-            query.push(Element::stanza("feature").with_attr("var", "http://jabber.org/protocol/pubsub#publish"));
+            for f in s.srv.clone().hooks.account_disco_features() {
+                query.push(Element::stanza("feature").with_attr("var", *f));
+            }
         }
     } else if to_server {
         // disco#items of the server: its services.

@@ -30,6 +30,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, phone};
 use crate::server::Server;
@@ -71,6 +72,13 @@ pub fn charge(srv: &Server, asker: &str, target: &str) -> bool {
         return true;
     }
     srv.discovery.take(asker, 1, srv.cfg.discovery.max_per_hour)
+}
+
+pub const MODULE: Module = Module { name: "discovery", specs: &["urn:chatd:discovery:0"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(NS);
+    h.iq_server(GET_SET, NS, "query", |s, r| handle_iq(s, r.iq, r.payload));
 }
 
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {

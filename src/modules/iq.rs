@@ -1,25 +1,43 @@
-//! IQ dispatch (RFC 6120 §8.2.3, RFC 6121 §8.5): requests to the server
-//! or to the sender's own account go to the module owning the payload
-//! namespace; requests to another account's full JID are forwarded;
-//! anything unknown gets `service-unavailable`.
+//! IQ dispatch (RFC 6120 §8.2.3, RFC 6121 §8.5): requests to the server,
+//! to the sender's own account or to another account's bare JID go to the
+//! handler a module registered for the payload (see [`crate::hooks`]);
+//! requests to another account's full JID are forwarded; anything unknown
+//! gets `service-unavailable`.
 
 use crate::c2s::session::Session;
+use crate::hooks::{Hooks, IqRequest, IqTarget, IqType, Module, Stage, priority};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};
 
+/// RFC 6120 iq handling as a module: the default handler of the iq stage,
+/// and the legacy RFC 3921 session request.
+pub const MODULE: Module =
+    Module { name: "iq", specs: &["RFC 6120 §8.2.3", "RFC 6121 §8.5", "RFC 3921 §3"], register };
+
+fn register(h: &mut Hooks) {
+    h.stanza(Stage::Iq, priority::ADMIT, |s, iq, to| {
+        let typ = iq.attr("type").unwrap_or("");
+        if !matches!(typ, "get" | "set" | "result" | "error") || iq.attr("id").is_none() {
+            s.reply_error(&iq, StanzaError::BadRequest);
+            return None;
+        }
+        Some((iq, to))
+    });
+    h.stanza(Stage::Iq, priority::DEFAULT, |s, iq, to| {
+        handle(s, iq, to);
+        None
+    });
+    h.iq_server(&[IqType::Set], ns::SESSION, "session", |s, r| {
+        let mut res = iq_result(r.iq);
+        res.set_attr("to", s.jid.to_string());
+        s.send(&res);
+    });
+}
+
+/// Dispatches an admitted iq (type and id checked).
 pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
     let typ = iq.attr("type").unwrap_or("");
-    if !matches!(typ, "get" | "set" | "result" | "error") || iq.attr("id").is_none() {
-        s.reply_error(&iq, StanzaError::BadRequest);
-        return;
-    }
     let domain = s.domain().to_string();
-    if let Some(j) = &to
-        && super::groups::is_group_domain(&s.srv, &j.domain)
-    {
-        super::groups::handle_iq(s, &iq, j);
-        return;
-    }
     let for_server = match &to {
         None => true,
         Some(j) => {
@@ -50,32 +68,10 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
         s.reply_error(&iq, StanzaError::BadRequest);
         return;
     };
+    let Some(iq_type) = IqType::parse(typ) else { return };
     if for_server {
-        match (payload.local_name(), payload.ns.as_str()) {
-            ("query", ns::ROSTER) => super::roster::handle_iq(s, &iq, &payload),
-            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS) => {
-                super::disco::handle(s, &iq, to.as_ref(), &payload)
-            }
-            ("ping", ns::PING) => super::ping::handle(s, &iq),
-            ("enable", super::carbons::NS) | ("disable", super::carbons::NS) => {
-                super::carbons::handle_iq(s, &iq, &payload)
-            }
-            ("blocklist", super::blocking::NS) | ("block", super::blocking::NS) | ("unblock", super::blocking::NS) => {
-                super::blocking::handle_iq(s, &iq, &payload)
-            }
-            ("privacy", super::privacy::NS) => super::privacy::handle_iq(s, &iq, &payload),
-            ("request", super::upload::NS) => super::upload::handle(s, &iq, &payload),
-            ("pubsub", super::pep::PUBSUB) => super::pep::handle_iq(s, &iq, to.as_ref(), &payload),
-            ("query", super::register::NS) => super::register::post_auth(s, &iq, &payload),
-            ("query", super::discovery::NS) => super::discovery::handle_iq(s, &iq, &payload),
-            ("query", ns::VERSION) if to.as_ref().is_none_or(|j| j.local.is_none()) => super::version::handle(s, &iq),
-            ("session", ns::SESSION) => {
-                let mut r = iq_result(&iq);
-                r.set_attr("to", s.jid.to_string());
-                s.send(&r);
-            }
-            _ => s.reply_error(&iq, StanzaError::ServiceUnavailable),
-        }
+        let target = if to.as_ref().is_some_and(|j| j.local.is_some()) { IqTarget::Own } else { IqTarget::Server };
+        dispatch(s, &iq, &payload, to.as_ref(), target, iq_type);
         return;
     }
     let Some(j) = to else { return };
@@ -101,21 +97,7 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
     if j.resource.is_none() {
         // A request to another account's bare JID is answered by the
         // server on the account's behalf.
-        match (payload.local_name(), payload.ns.as_str()) {
-            ("query", ns::DISCO_INFO) | ("query", ns::DISCO_ITEMS)
-                if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) =>
-            {
-                super::disco::handle(s, &iq, Some(&j), &payload)
-            }
-            ("query", super::privacy::LAST) => super::privacy::handle_last(s, &iq, Some(&j)),
-            ("pubsub", super::pep::PUBSUB) => super::pep::handle_iq(s, &iq, Some(&j), &payload),
-            ("ping", ns::PING) if s.srv.router.account_exists(j.local.as_deref().unwrap_or("")) => {
-                let mut r = iq_result(&iq);
-                r.set_attr("to", s.jid.to_string());
-                s.send(&r);
-            }
-            _ => s.reply_error(&iq, StanzaError::ServiceUnavailable),
-        }
+        dispatch(s, &iq, &payload, Some(&j), IqTarget::Account, iq_type);
         return;
     }
     // A device's presence is only revealed to those allowed to see it:
@@ -130,6 +112,16 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
         return;
     }
     forward(s, &iq, &j);
+}
+
+/// Calls the handler a module registered for this request, or answers
+/// `service-unavailable` (RFC 6120 §8.4).
+fn dispatch(s: &mut Session, iq: &Element, payload: &Element, to: Option<&Jid>, target: IqTarget, typ: IqType) {
+    let srv = s.srv.clone();
+    match srv.hooks.iq_handler(target, typ, &payload.ns, payload.local_name()) {
+        Some(f) => f(s, &IqRequest { iq, payload, to, target }),
+        None => s.reply_error(iq, StanzaError::ServiceUnavailable),
+    }
 }
 
 /// Forwards an iq to a full JID; a request nobody receives gets

@@ -4,6 +4,7 @@
 //! delivered live only. Groupchat is not served by this module.
 
 use crate::c2s::session::Session;
+use crate::hooks::{Hooks, Module, Stage, priority};
 use crate::protocol::stanza::StanzaError;
 use crate::protocol::{Element, Jid, Node};
 use crate::router::{Delivery, MessageClass};
@@ -37,30 +38,49 @@ pub fn classify(m: &Element) -> MessageClass {
     if !substantive && !has_text { MessageClass::LiveOnly } else { MessageClass::Durable }
 }
 
-pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
-    let typ = m.attr("type").unwrap_or("normal").to_string();
-    let typ = typ.as_str();
+pub const MODULE: Module = Module {
+    name: "message",
+    specs: &["RFC 6121 §5", "XEP-0184", "XEP-0333", "XEP-0085", "XEP-0334", "XEP-0359"],
+    register,
+};
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(crate::protocol::ns::STANZA_ID);
+    h.disco_feature(RECEIPTS);
+    h.disco_feature(CHATSTATES);
+    h.stanza(Stage::Message, priority::ADMIT, admit);
+    h.stanza(Stage::Message, priority::DEFAULT, |s, m, to| {
+        handle(s, m, to);
+        None
+    });
+}
+
+/// Checks the message type and takes it from the sender's rate budget,
+/// before anything is stored or fanned out (a group message counts once).
+fn admit(s: &mut Session, m: Element, to: Option<Jid>) -> Option<(Element, Option<Jid>)> {
+    let typ = m.attr("type").unwrap_or("normal");
     if !matches!(typ, "normal" | "chat" | "groupchat" | "headline" | "error") {
         s.reply_error(&m, StanzaError::BadRequest);
-        return;
+        return None;
     }
-    // Per-account rate limit, before anything is stored or fanned out
-    // (a group message counts once).
     if !s.srv.router.admit_message(&s.local, rate_cost(&m)) {
         if typ != "error" {
             s.reply_error(&m, StanzaError::PolicyViolation);
         }
-        return;
+        return None;
     }
+    Some((m, to))
+}
+
+/// Routes an admitted message to a local account.
+pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
+    let typ = m.attr("type").unwrap_or("normal").to_string();
+    let typ = typ.as_str();
     let Some(to) = to else {
         // A message to the server itself: nothing consumes it.
         s.reply_error(&m, StanzaError::ServiceUnavailable);
         return;
     };
-    if super::groups::is_group_domain(&s.srv, &to.domain) {
-        super::groups::handle_message(s, m, &to);
-        return;
-    }
     if to.domain != s.domain() {
         s.reply_error(&m, StanzaError::RemoteServerNotFound);
         return;

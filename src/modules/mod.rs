@@ -1,8 +1,12 @@
-//! Feature modules, one per protocol feature or XEP. Each lists the
-//! specifications it implements in its header. Modules operate on a
+//! Feature modules, one per protocol feature or XEP. Each exports a
+//! [`Module`] that names the specifications it implements and registers
+//! its handlers (see [`crate::hooks`]); [`ALL`] is the list the server
+//! loads. Modules operate on a
 //! [`Session`](crate::c2s::session::Session) and reach other accounts
 //! only through the [`Router`](crate::router::Router) and the storage
 //! traits; none touches a socket.
+
+use crate::hooks::Module;
 
 pub mod blocking;
 pub mod carbons;
@@ -22,3 +26,26 @@ pub mod roster;
 pub mod sm;
 pub mod upload;
 pub mod version;
+
+/// Every module the server loads, in registration order (which is also
+/// the order of their disco features). Adding a feature is one file and
+/// one line here.
+pub const ALL: &[&Module] = &[
+    &iq::MODULE,
+    &disco::MODULE,
+    &ping::MODULE,
+    &version::MODULE,
+    &message::MODULE,
+    &offline::MODULE,
+    &presence::MODULE,
+    &roster::MODULE,
+    &csi::MODULE,
+    &carbons::MODULE,
+    &blocking::MODULE,
+    &privacy::MODULE,
+    &discovery::MODULE,
+    &pep::MODULE,
+    &register::MODULE,
+    &upload::MODULE,
+    &groups::MODULE,
+];

@@ -7,7 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::hooks::{Hooks, Module};
 use crate::server::Server;
+
+pub const MODULE: Module = Module { name: "offline", specs: &["XEP-0160", "XEP-0203"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature("msgoffline");
+    h.disco_feature(crate::protocol::ns::DELAY);
+}
 
 /// Deletes expired messages every `reap_interval_secs`.
 pub async fn reaper(srv: Arc<Server>) {
@@ -22,7 +30,7 @@ pub async fn reaper(srv: Arc<Server>) {
             Ok(Ok(n)) => {
                 tracing::info!(expired = n, "offline messages expired");
                 // Cached queue lengths are now too high; reload lazily.
-                srv.registry.invalidate_queue_counts();
+                srv.router.queue_changed(None);
             }
             Ok(Err(e)) => tracing::error!(error = %e, "offline expiry failed"),
             Err(_) => {}

@@ -13,10 +13,11 @@
 use std::sync::Arc;
 
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, IqTarget, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, Node};
+use crate::router::Audience;
 use crate::server::Server;
-use crate::session::Outbound;
 
 pub const PUBSUB: &str = "http://jabber.org/protocol/pubsub";
 pub const EVENT: &str = "http://jabber.org/protocol/pubsub#event";
@@ -31,6 +32,14 @@ fn key(node: &str) -> String {
 
 fn max_size(srv: &Server, node: &str) -> usize {
     if node == AVATAR_DATA { srv.cfg.profile.max_avatar_bytes.saturating_mul(4) / 3 + 1024 } else { 4096 }
+}
+
+pub const MODULE: Module = Module { name: "pep", specs: &["XEP-0163", "XEP-0172", "XEP-0084"], register };
+
+fn register(h: &mut Hooks) {
+    h.account_disco_feature("http://jabber.org/protocol/pubsub#publish");
+    h.iq_server(GET_SET, PUBSUB, "pubsub", |s, r| handle_iq(s, r.iq, r.to, r.payload));
+    h.iq(IqTarget::Account, GET_SET, PUBSUB, "pubsub", |s, r| handle_iq(s, r.iq, r.to, r.payload));
 }
 
 /// Handles a pubsub iq addressed to the sender's own account (publish,
@@ -148,16 +157,14 @@ fn notify(srv: &Arc<Server>, owner: &str, node: &str, item: &Element) {
         }
     }
     for t in targets {
-        for h in srv.registry.sessions(&t) {
-            if !h.available {
-                continue;
-            }
+        let render = |h: &crate::router::SessionView| {
             let m = Element::stanza("message")
                 .with_attr("type", "headline")
                 .with_attr("from", bare.as_str())
                 .with_attr("to", format!("{t}@{}/{}", srv.domain(), h.resource))
                 .with_child(event.clone());
-            let _ = h.tx.try_send(Outbound::Stanza(m.to_xml().into()));
-        }
+            Some(m.to_xml().into())
+        };
+        srv.router.push(&t, Audience::available(), &render);
     }
 }

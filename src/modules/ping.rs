@@ -4,8 +4,25 @@
 //! connection and in [`super::sm`].
 
 use crate::c2s::session::Session;
-use crate::protocol::Element;
+use crate::hooks::{GET_SET, Hooks, IqTarget, Module};
 use crate::protocol::stanza::iq_result;
+use crate::protocol::{Element, ns};
+
+pub const MODULE: Module = Module { name: "ping", specs: &["XEP-0199"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(ns::PING);
+    h.iq_server(GET_SET, ns::PING, "ping", |s, r| handle(s, r.iq));
+    // A ping to an account's bare JID is answered by the server, for
+    // accounts that exist.
+    h.iq(IqTarget::Account, GET_SET, ns::PING, "ping", |s, r| {
+        if r.to.and_then(|j| j.local.as_deref()).is_some_and(|l| s.srv.router.account_exists(l)) {
+            handle(s, r.iq);
+        } else {
+            s.reply_error(r.iq, crate::protocol::stanza::StanzaError::ServiceUnavailable);
+        }
+    });
+}
 
 pub fn handle(s: &mut Session, iq: &Element) {
     let mut r = iq_result(iq);

@@ -1,5 +1,5 @@
 //! RFC 6121 §3–4 presence: broadcast to subscribers, probes answered
-//! from the registry, directed presence, and the subscription state
+//! from the router's view of live sessions, directed presence, and the subscription state
 //! machine (subscribe / subscribed / unsubscribe / unsubscribed) over the
 //! roster. A subscription request to an offline account is kept as
 //! `pending_in` on its roster and re-sent when it next comes online.
@@ -10,18 +10,26 @@
 use std::sync::Arc;
 
 use crate::c2s::session::Session;
+use crate::hooks::{Hooks, Module, Stage, priority};
 use crate::protocol::{Element, Jid, ns};
+use crate::router::{Audience, SessionUpdate};
 use crate::server::Server;
-use crate::session::Outbound;
 use crate::storage::RosterItem;
+
+pub const MODULE: Module = Module { name: "presence", specs: &["RFC 6121 §3", "RFC 6121 §4"], register };
+
+fn register(h: &mut Hooks) {
+    h.stanza(Stage::Presence, priority::DEFAULT, |s, p, to| {
+        handle(s, p, to);
+        None
+    });
+    h.session_ended(session_ended);
+}
 
 pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
     let typ = p.attr("type").map(str::to_string);
     match (typ.as_deref(), to) {
         (None | Some("unavailable"), None) => broadcast(s, p, typ.is_none()),
-        (None | Some("unavailable"), Some(to)) if super::groups::is_group_domain(&s.srv, &to.domain) => {
-            super::groups::handle_presence(s, p, &to);
-        }
         (None | Some("unavailable") | Some("error"), Some(to)) => {
             let blocked = to.local.as_deref().is_some_and(|l| super::privacy::blocked_between(&s.srv, &s.local, l));
             if to.domain == s.domain() && !blocked {
@@ -49,11 +57,7 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
 
 /// Delivers `xml` to every available session of the account `local`.
 fn to_account(srv: &Arc<Server>, local: &str, xml: &Arc<str>) {
-    for h in srv.registry.sessions(local) {
-        if h.available {
-            let _ = h.tx.try_send(Outbound::Stanza(xml.clone()));
-        }
-    }
+    srv.router.push(local, Audience::available(), &|_| Some(xml.clone()));
 }
 
 fn local_of<'a>(srv: &Server, j: &'a Jid) -> Option<&'a str> {
@@ -68,15 +72,8 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
     let xml: Arc<str> = p.to_xml().into();
     let first = available && !s.available;
     let id = s.id;
-    srv.registry.with(&s.local, |e| {
-        if let Some(h) = e.session_mut(id) {
-            h.priority = priority;
-            h.presence = if available { Some(xml.clone()) } else { None };
-            if !available {
-                h.available = false;
-            }
-        }
-    });
+    let stanza = available.then(|| xml.clone());
+    srv.router.update_session(&s.local, id, SessionUpdate::Presence { stanza, priority });
     if !available && !s.available {
         return;
     }
@@ -91,11 +88,7 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
         }
     }
     // The account's other resources see it too.
-    for h in srv.registry.sessions(&s.local) {
-        if h.id != id && h.available {
-            let _ = h.tx.try_send(Outbound::Stanza(xml.clone()));
-        }
-    }
+    srv.router.push(&s.local, Audience::available().except(id), &|_| Some(xml.clone()));
     // And the resource that sent it (RFC 6121 §4.2.2, §4.4.2): clients
     // take the echo as confirmation that they are online.
     if available {
@@ -104,25 +97,19 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
     if first {
         let upto = srv.router.attach(&s.local, id);
         s.backlog = Some((s.max_seq_sent, upto));
-        // Probes, answered locally from the registry.
+        // Probes, answered from the router's view of live sessions.
         for item in roster.iter().filter(|i| i.subscription.has_to()) {
             if let Ok(j) = Jid::parse(&item.jid)
                 && let Some(l) = local_of(&srv, &j)
                 && super::privacy::may_see(&srv, l, &s.local)
             {
-                for h in srv.registry.sessions(l) {
-                    if let (true, Some(px)) = (h.available, h.presence.clone()) {
-                        s.send_xml(px, None);
-                    }
+                for px in available_presences(&srv, l, None) {
+                    s.send_xml(px, None);
                 }
             }
         }
-        for h in srv.registry.sessions(&s.local) {
-            if h.id != id
-                && let (true, Some(px)) = (h.available, h.presence.clone())
-            {
-                s.send_xml(px, None);
-            }
+        for px in available_presences(&srv, &s.local, Some(id)) {
+            s.send_xml(px, None);
         }
         // Subscription requests that arrived while offline.
         for item in roster.iter().filter(|i| i.pending_in) {
@@ -133,6 +120,12 @@ fn broadcast(s: &mut Session, mut p: Element, available: bool) {
             s.send(&req);
         }
     }
+}
+
+/// The last presence of each available session of `local` (but `except`).
+fn available_presences(srv: &Server, local: &str, except: Option<u64>) -> Vec<Arc<str>> {
+    let sessions = srv.router.sessions(local).into_iter();
+    sessions.filter(|h| h.available && Some(h.id) != except).filter_map(|h| h.presence).collect()
 }
 
 /// Called when a session ends: it becomes unavailable to everyone.
@@ -161,16 +154,14 @@ fn share_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
     if !super::privacy::may_see(srv, from_local, to_local) {
         return;
     }
-    for h in srv.registry.sessions(from_local) {
-        if let (true, Some(px)) = (h.available, h.presence.clone()) {
-            to_account(srv, to_local, &px);
-        }
+    for px in available_presences(srv, from_local, None) {
+        to_account(srv, to_local, &px);
     }
 }
 
 /// Sends unavailable from each of `from_local`'s available sessions.
 fn withdraw_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
-    for h in srv.registry.sessions(from_local) {
+    for h in srv.router.sessions(from_local) {
         if h.available {
             let x = presence_from(
                 &format!("{from_local}@{}/{}", srv.domain(), h.resource),

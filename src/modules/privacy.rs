@@ -20,10 +20,12 @@
 //! an iq of type `set` with the same element changes the attributes it
 //! carries.
 //!
-//! The block list and the settings are cached in the account's registry
-//! entry, so the message path checks them without touching storage. Only
-//! accounts that exist get an entry: asking about any other name costs no
-//! memory (it has the default policy and nothing is kept).
+//! The block list and the settings are cached per node in a
+//! [`PolicyCache`], so the message path checks them without touching
+//! storage. Only accounts that exist get an entry: asking about any other
+//! name costs no memory (it has the default policy and nothing is kept),
+//! and the cache forgets by generations, so it stays bounded however many
+//! accounts write.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, IqTarget, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid};
 use crate::server::Server;
@@ -114,19 +117,103 @@ fn load(srv: &Server, local: &str) -> Policy {
     p
 }
 
-/// The policy of `local`, cached in the registry for existing accounts.
+const CACHE_SHARDS: usize = 16;
+
+/// Policies of recently seen accounts, on this node.
+///
+/// Each shard holds two generations of at most `capacity / CACHE_SHARDS`
+/// entries; when the current one fills, the previous one is dropped. A
+/// lookup that finds an entry in the previous generation moves it
+/// forward, so accounts in use stay cached.
+pub struct PolicyCache {
+    shards: Vec<std::sync::Mutex<Generations>>,
+    per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+#[derive(Default)]
+struct Generations {
+    cur: std::collections::HashMap<String, Arc<Policy>>,
+    prev: std::collections::HashMap<String, Arc<Policy>>,
+}
+
+impl PolicyCache {
+    pub fn new(capacity: usize) -> PolicyCache {
+        PolicyCache {
+            shards: (0..CACHE_SHARDS).map(|_| Default::default()).collect(),
+            per_shard: (capacity / CACHE_SHARDS).max(1),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, local: &str) -> std::sync::MutexGuard<'_, Generations> {
+        use std::hash::BuildHasher;
+        let i = (self.hasher.hash_one(local) as usize) % CACHE_SHARDS;
+        match self.shards[i].lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn get(&self, local: &str) -> Option<Arc<Policy>> {
+        let mut g = self.shard(local);
+        if let Some(p) = g.cur.get(local) {
+            return Some(p.clone());
+        }
+        let p = g.prev.remove(local)?;
+        self.insert_locked(&mut g, local, p.clone());
+        Some(p)
+    }
+
+    fn insert(&self, local: &str, p: Arc<Policy>) {
+        let mut g = self.shard(local);
+        g.prev.remove(local);
+        self.insert_locked(&mut g, local, p);
+    }
+
+    fn insert_locked(&self, g: &mut Generations, local: &str, p: Arc<Policy>) {
+        if g.cur.len() >= self.per_shard && !g.cur.contains_key(local) {
+            g.prev = std::mem::take(&mut g.cur);
+        }
+        g.cur.insert(local.to_string(), p);
+    }
+
+    /// Forgets `local`'s policy (its settings were erased).
+    pub fn forget(&self, local: &str) {
+        let mut g = self.shard(local);
+        g.cur.remove(local);
+        g.prev.remove(local);
+    }
+
+    /// Entries held (for tests of the bound).
+    pub fn len(&self) -> usize {
+        (0..CACHE_SHARDS)
+            .map(|i| match self.shards[i].lock() {
+                Ok(g) => g.cur.len() + g.prev.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The policy of `local`, cached for existing accounts.
 /// A name that is not an account gets the default policy and leaves no
 /// trace: anyone can make up names, so caching them would let strangers
 /// grow the server's memory without bound.
 pub fn policy(srv: &Server, local: &str) -> Arc<Policy> {
-    if let Some(Some(p)) = srv.registry.peek(local, |e| e.policy.clone()) {
+    if let Some(p) = srv.policies.get(local) {
         return p;
     }
     if !srv.router.account_exists(local) {
         return Arc::new(Policy::default());
     }
     let loaded = Arc::new(load(srv, local));
-    srv.registry.with(local, |e| e.policy.get_or_insert(loaded).clone())
+    srv.policies.insert(local, loaded.clone());
+    loaded
 }
 
 /// Stores and caches a new policy.
@@ -139,8 +226,7 @@ pub fn save(srv: &Server, local: &str, p: Policy) {
     if let Err(e) = r1.and(r2).and(r3) {
         tracing::error!(account = local, error = %e, "saving privacy settings failed");
     }
-    let p = Arc::new(p);
-    srv.registry.with(local, |e| e.policy = Some(p));
+    srv.policies.insert(local, Arc::new(p));
 }
 
 /// Whether either side blocked the other (`a`, `b` are localparts or bare
@@ -188,6 +274,15 @@ pub fn may_add_to_group(srv: &Server, owner: &str, adder: &str) -> bool {
 }
 
 /// `urn:chatd:privacy:0` get/set.
+pub const MODULE: Module = Module { name: "privacy", specs: &["XEP-0012"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_feature(LAST);
+    h.disco_feature(NS);
+    h.iq_server(GET_SET, NS, "privacy", |s, r| handle_iq(s, r.iq, r.payload));
+    h.iq(IqTarget::Account, GET_SET, LAST, "query", |s, r| handle_last(s, r.iq, r.to));
+}
+
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
     let srv = s.srv.clone();
     match iq.attr("type") {
@@ -249,7 +344,7 @@ pub fn handle_last(s: &mut Session, iq: &Element, to: Option<&Jid>) {
         s.reply_error(iq, StanzaError::Forbidden);
         return;
     }
-    let online = srv.registry.sessions(&owner).iter().any(|h| h.available);
+    let online = srv.router.sessions(&owner).iter().any(|h| h.available);
     let seconds = if online {
         0
     } else {

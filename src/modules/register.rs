@@ -8,14 +8,21 @@ use std::net::IpAddr;
 
 use crate::admin::{self, Request};
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::element::escape;
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};
 use crate::protocol::{Element, phone};
+use crate::router::CloseReason;
 use crate::server::Server;
-use crate::session::{CloseReason, Outbound};
 
 pub const NS: &str = "jabber:iq:register";
 pub const FEATURE: &str = "http://jabber.org/features/iq-register";
+
+pub const MODULE: Module = Module { name: "register", specs: &["XEP-0077"], register };
+
+fn register(h: &mut Hooks) {
+    h.iq_server(GET_SET, NS, "query", |s, r| post_auth(s, r.iq, r.payload));
+}
 
 /// Registrations per client IP (IPv6: per /64) in the current hour.
 pub use crate::api::limit::IpLimit;
@@ -113,11 +120,7 @@ pub fn post_auth(s: &mut Session, iq: &Element, q: &Element) {
         s.max_ticket = s.max_ticket.max(resp.ticket);
         // Every other session (parked ones included) authenticated with
         // the old password: it ends. This one proved it just now.
-        for h in srv.registry.sessions(&s.local) {
-            if h.id != s.id {
-                let _ = h.tx.try_send(Outbound::Close(CloseReason::AccountGone));
-            }
-        }
+        srv.router.close_sessions(&s.local, CloseReason::AccountGone, Some(s.id));
         let mut r = iq_result(iq);
         r.set_attr("to", s.jid.to_string());
         r.remove_attr("from");

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};
+use crate::router::{Audience, SessionUpdate};
 use crate::server::Server;
-use crate::session::Outbound;
 use crate::storage::RosterItem;
 
 /// `<item/>` for a roster item.
@@ -34,17 +35,15 @@ pub fn item_element(item: &RosterItem) -> Element {
 /// `owner` that requested the roster.
 pub fn push(srv: &Arc<Server>, owner: &str, item: &Element) {
     let query = Element::new("query", ns::ROSTER).with_child(item.clone());
-    for h in srv.registry.sessions(owner) {
-        if !h.interested {
-            continue;
-        }
+    let render = |h: &crate::router::SessionView| {
         let iq = Element::stanza("iq")
             .with_attr("type", "set")
             .with_attr("id", format!("push{:x}", rand::random::<u32>()))
             .with_attr("to", format!("{owner}@{}/{}", srv.domain(), h.resource))
             .with_child(query.clone());
-        let _ = h.tx.try_send(Outbound::Stanza(iq.to_xml().into()));
-    }
+        Some(iq.to_xml().into())
+    };
+    srv.router.push(owner, Audience::roster(), &render);
 }
 
 /// Whether `owner`'s roster has room for one more item
@@ -81,15 +80,16 @@ pub fn save(srv: &Arc<Server>, owner: &str, item: &RosterItem) -> bool {
     true
 }
 
+pub const MODULE: Module = Module { name: "roster", specs: &["RFC 6121 §2"], register };
+
+fn register(h: &mut Hooks) {
+    h.iq_server(GET_SET, ns::ROSTER, "query", |s, r| handle_iq(s, r.iq, r.payload));
+}
+
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {
     match iq.attr("type") {
         Some("get") => {
-            let id = s.id;
-            s.srv.registry.with(&s.local, |e| {
-                if let Some(h) = e.session_mut(id) {
-                    h.interested = true;
-                }
-            });
+            s.srv.router.update_session(&s.local, s.id, SessionUpdate::RosterRequested);
             let items = match s.srv.stores.roster.roster(&s.local) {
                 Ok(v) => v,
                 Err(_) => {

@@ -5,6 +5,7 @@
 //! `store/file` identity, the feature and the `max-file-size` form.
 
 use crate::c2s::session::Session;
+use crate::hooks::{GET_SET, Hooks, Module};
 use crate::media::slot::Refusal;
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};
 use crate::protocol::{Element, ns};
@@ -12,6 +13,13 @@ use crate::protocol::{Element, ns};
 pub const NS: &str = "urn:xmpp:http:upload:0";
 
 const DATA_FORMS: &str = "jabber:x:data";
+
+pub const MODULE: Module = Module { name: "upload", specs: &["XEP-0363"], register };
+
+fn register(h: &mut Hooks) {
+    h.disco_extension(disco_info);
+    h.iq_server(GET_SET, NS, "request", |s, r| handle(s, r.iq, r.payload));
+}
 
 /// Adds the upload service to the server's disco#info, when slots are
 /// issued on this node.

@@ -45,6 +45,7 @@ pub use deliver::handle_message;
 pub use muc::handle_presence;
 
 use crate::c2s::session::Session;
+use crate::hooks::{Hooks, Module, Stage, priority};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};
 use crate::server::Server;
@@ -55,6 +56,38 @@ pub const NS: &str = "urn:chatd:groups:0";
 pub const MUC: &str = "http://jabber.org/protocol/muc";
 pub const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
 pub const CONFERENCE: &str = "jabber:x:conference";
+
+pub const MODULE: Module = Module {
+    name: "groups",
+    specs: &["urn:chatd:groups:0", "XEP-0045 (members-only persistent rooms)", "XEP-0249"],
+    register,
+};
+
+/// Everything addressed to the groups service is the module's, at every
+/// stage, ahead of the handlers for accounts.
+fn register(h: &mut Hooks) {
+    h.stanza(Stage::Message, priority::INTERCEPT, |s, m, to| match to {
+        Some(j) if is_group_domain(&s.srv, &j.domain) => {
+            handle_message(s, m, &j);
+            None
+        }
+        to => Some((m, to)),
+    });
+    h.stanza(Stage::Presence, priority::INTERCEPT, |s, p, to| match to {
+        Some(j) if matches!(p.attr("type"), None | Some("unavailable")) && is_group_domain(&s.srv, &j.domain) => {
+            handle_presence(s, p, &j);
+            None
+        }
+        to => Some((p, to)),
+    });
+    h.stanza(Stage::Iq, priority::INTERCEPT, |s, iq, to| match to {
+        Some(j) if is_group_domain(&s.srv, &j.domain) => {
+            handle_iq(s, &iq, &j);
+            None
+        }
+        to => Some((iq, to)),
+    });
+}
 
 /// The service domain.
 pub fn service(srv: &Server) -> String {

@@ -9,126 +9,22 @@
 //! draw the line between "read from the store" and "arrives live". That
 //! is what keeps per-recipient order without a per-message lookup.
 //!
+//! The registry is private to [`super::LocalRouter`]: everything else
+//! reaches sessions through the [`super::Router`] trait, so a cluster
+//! backend can put its own view of remote sessions behind the same calls.
+//!
 //! Lock order: a shard lock is never held while taking another shard's
-//! lock or any storage lock other than the engine's internal ones.
+//! lock or any storage lock other than the engine's internal ones, except
+//! in [`SessionRegistry::lock_many`], which takes several shard locks in
+//! ascending shard order.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-
+use super::outbound::OutboundTx;
 use crate::storage::QueueUsage;
-
-/// Why the server closes a session from the outside.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// Another login bound the same resource.
-    Replaced,
-    /// The account was deleted or its password changed.
-    AccountGone,
-    /// The server is shutting down.
-    Shutdown,
-}
-
-/// What the rest of the server sends to a session's connection task.
-#[derive(Clone, Debug)]
-pub enum Outbound {
-    /// A stanza that needs no acknowledgement tracking.
-    Stanza(Arc<str>),
-    /// A message that sits in the recipient's offline queue under `seq`
-    /// until a device acknowledges it.
-    Stored { seq: u64, xml: Arc<str> },
-    /// Close the stream.
-    Close(CloseReason),
-}
-
-impl Outbound {
-    /// Bytes this item holds while queued.
-    fn bytes(&self) -> usize {
-        match self {
-            Outbound::Stanza(x) | Outbound::Stored { xml: x, .. } => x.len(),
-            Outbound::Close(_) => 0,
-        }
-    }
-}
-
-/// Bytes queued in one session's outbound channel, and their limit.
-#[derive(Debug)]
-struct Gauge {
-    used: AtomicUsize,
-    limit: usize,
-}
-
-/// Sending side of a session's outbound channel: bounded in items and in
-/// bytes. Over either bound `try_send` fails with `Full`, and the router
-/// treats the session as a slow consumer.
-#[derive(Clone, Debug)]
-pub struct OutboundTx {
-    tx: mpsc::Sender<Outbound>,
-    gauge: Arc<Gauge>,
-}
-
-/// Receiving side of a session's outbound channel.
-#[derive(Debug)]
-pub struct OutboundRx {
-    rx: mpsc::Receiver<Outbound>,
-    gauge: Arc<Gauge>,
-}
-
-/// A session's outbound channel holding at most `items` items and
-/// `bytes` bytes of stanzas (a close request always fits when there is
-/// room for an item).
-pub fn outbound_channel(items: usize, bytes: usize) -> (OutboundTx, OutboundRx) {
-    let (tx, rx) = mpsc::channel(items.max(1));
-    let gauge = Arc::new(Gauge { used: AtomicUsize::new(0), limit: bytes });
-    (OutboundTx { tx, gauge: gauge.clone() }, OutboundRx { rx, gauge })
-}
-
-impl OutboundTx {
-    /// Queues `o` without waiting.
-    ///
-    /// # Errors
-    /// `Full` when the channel has no room for its item or its bytes,
-    /// `Closed` when the session is gone.
-    pub fn try_send(&self, o: Outbound) -> Result<(), TrySendError<Outbound>> {
-        let n = o.bytes();
-        let before = self.gauge.used.fetch_add(n, Ordering::AcqRel);
-        if n > 0 && before + n > self.gauge.limit {
-            self.gauge.used.fetch_sub(n, Ordering::AcqRel);
-            return Err(TrySendError::Full(o));
-        }
-        self.tx.try_send(o).inspect_err(|_| {
-            self.gauge.used.fetch_sub(n, Ordering::AcqRel);
-        })
-    }
-}
-
-impl OutboundRx {
-    fn took(&self, o: &Outbound) {
-        self.gauge.used.fetch_sub(o.bytes(), Ordering::AcqRel);
-    }
-
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        let o = self.rx.recv().await?;
-        self.took(&o);
-        Some(o)
-    }
-
-    pub fn try_recv(&mut self) -> Option<Outbound> {
-        let o = self.rx.try_recv().ok()?;
-        self.took(&o);
-        Some(o)
-    }
-
-    /// Bytes waiting in the channel.
-    pub fn queued_bytes(&self) -> usize {
-        self.gauge.used.load(Ordering::Acquire)
-    }
-}
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved up.
 #[derive(Clone, Debug)]
@@ -140,11 +36,6 @@ pub struct TokenBucket {
 impl TokenBucket {
     pub fn full(burst: f64) -> TokenBucket {
         TokenBucket { tokens: burst, last: Instant::now() }
-    }
-
-    /// Takes one token if there is one.
-    pub fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
-        self.take_n(1.0, rate, burst, now)
     }
 
     /// Takes `cost` tokens if there are that many.
@@ -207,26 +98,14 @@ pub struct AccountEntry {
     pub last_seq: Option<u64>,
     /// Messages this account may still send now (rate limit).
     pub send_budget: Option<TokenBucket>,
-    /// Last time the account had no session left (unix ms), for
-    /// "last seen".
-    pub last_seen_ms: u64,
-    /// Cached block list and visibility setting.
-    pub policy: Option<Arc<crate::modules::privacy::Policy>>,
 }
 
 impl AccountEntry {
-    pub fn session(&self, id: u64) -> Option<&SessionHandle> {
-        self.sessions.iter().find(|s| s.id == id)
-    }
     pub fn session_mut(&mut self, id: u64) -> Option<&mut SessionHandle> {
         self.sessions.iter_mut().find(|s| s.id == id)
     }
     pub fn by_resource(&self, resource: &str) -> Option<&SessionHandle> {
         self.sessions.iter().find(|s| s.resource == resource)
-    }
-    /// Available sessions eligible for bare-JID messages (priority ≥ 0).
-    pub fn message_targets(&self) -> impl Iterator<Item = &SessionHandle> {
-        self.sessions.iter().filter(|s| s.available && s.priority >= 0)
     }
 }
 
@@ -292,6 +171,15 @@ impl SessionRegistry {
         g.get(local).map(f)
     }
 
+    /// Runs `f` on the account's entry under its lock, if it has one.
+    pub fn peek_mut<R>(&self, local: &str, f: impl FnOnce(&mut AccountEntry) -> R) -> Option<R> {
+        let mut g = match self.shard(local).lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.get_mut(local).map(f)
+    }
+
     /// Registers a bound session. Returns the handle it replaces (same
     /// resource) and, if the account is over `max_resources`, the oldest.
     pub fn bind(&self, local: &str, handle: SessionHandle, max_resources: usize) -> Vec<SessionHandle> {
@@ -310,7 +198,7 @@ impl SessionRegistry {
 
     /// Removes a session; drops the entry when nothing remains cached.
     /// Returns whether the session was still registered.
-    pub fn unbind(&self, local: &str, id: u64, now_ms: u64) -> bool {
+    pub fn unbind(&self, local: &str, id: u64) -> bool {
         let mut g = match self.shard(local).lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -319,11 +207,8 @@ impl SessionRegistry {
         let before = e.sessions.len();
         e.sessions.retain(|s| s.id != id);
         let removed = e.sessions.len() != before;
-        if e.sessions.is_empty() {
-            e.last_seen_ms = now_ms;
-            if e.queue.as_ref().is_none_or(|q| q.count == 0) {
-                g.remove(local);
-            }
+        if e.sessions.is_empty() && e.queue.as_ref().is_none_or(|q| q.count == 0) {
+            g.remove(local);
         }
         removed
     }
@@ -331,17 +216,6 @@ impl SessionRegistry {
     /// Handles of every session of an account.
     pub fn sessions(&self, local: &str) -> Vec<SessionHandle> {
         self.peek(local, |e| e.sessions.clone()).unwrap_or_default()
-    }
-
-    /// Number of live sessions across all accounts.
-    pub fn count(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| match s.lock() {
-                Ok(g) => g.values().map(|e| e.sessions.len()).sum::<usize>(),
-                Err(_) => 0,
-            })
-            .sum()
     }
 
     /// Locks the shards holding `locals`, in ascending shard order (the
@@ -393,6 +267,7 @@ impl SessionRegistry {
 
 #[cfg(test)]
 mod tests {
+    use super::super::outbound::{OutboundRx, outbound_channel};
     use super::*;
 
     fn handle(id: u64, res: &str) -> (SessionHandle, OutboundRx) {
@@ -412,33 +287,20 @@ mod tests {
         assert!(r.bind("1555", c, 2).is_empty());
         let (d, _rd) = handle(4, "tab");
         assert_eq!(r.bind("1555", d, 2).iter().map(|h| h.id).collect::<Vec<_>>(), vec![2]);
-        assert_eq!(r.count(), 2);
-        assert!(r.unbind("1555", 3, 0));
-        assert!(!r.unbind("1555", 3, 0));
-        assert!(r.unbind("1555", 4, 0));
+        assert_eq!(r.sessions("1555").len(), 2);
+        assert!(r.unbind("1555", 3));
+        assert!(!r.unbind("1555", 3));
+        assert!(r.unbind("1555", 4));
         assert!(r.peek("1555", |_| ()).is_none());
-    }
-
-    #[test]
-    fn outbound_channel_counts_bytes() {
-        let (tx, mut rx) = outbound_channel(16, 10);
-        tx.try_send(Outbound::Stanza("123456".into())).unwrap();
-        assert!(matches!(tx.try_send(Outbound::Stanza("12345".into())), Err(TrySendError::Full(_))));
-        tx.try_send(Outbound::Stanza("1234".into())).unwrap();
-        assert_eq!(rx.queued_bytes(), 10);
-        assert!(rx.try_recv().is_some());
-        assert_eq!(rx.queued_bytes(), 4);
-        tx.try_send(Outbound::Stanza("12345".into())).unwrap();
-        tx.try_send(Outbound::Close(CloseReason::Shutdown)).unwrap();
     }
 
     #[test]
     fn token_bucket_refills_at_rate() {
         let t0 = Instant::now();
         let mut b = TokenBucket::full(3.0);
-        assert!((0..3).all(|_| b.take(10.0, 3.0, t0)));
-        assert!(!b.take(10.0, 3.0, t0));
-        assert!(b.take(10.0, 3.0, t0 + std::time::Duration::from_millis(110)));
-        assert!(!b.take(10.0, 3.0, t0 + std::time::Duration::from_millis(110)));
+        assert!((0..3).all(|_| b.take_n(1.0, 10.0, 3.0, t0)));
+        assert!(!b.take_n(1.0, 10.0, 3.0, t0));
+        assert!(b.take_n(1.0, 10.0, 3.0, t0 + std::time::Duration::from_millis(110)));
+        assert!(!b.take_n(1.0, 10.0, 3.0, t0 + std::time::Duration::from_millis(110)));
     }
 }

@@ -1,160 +1,28 @@
-//! The router: where a stanza for a local account goes.
-//!
-//! [`Router`] is the seam a multi-node backend plugs into: feature code
-//! and connections never look at the session registry or the offline
-//! store to deliver; they call the router. [`LocalRouter`] is the
-//! single-node implementation.
-//!
-//! ## The delivery rule (see ARCHITECTURE.md)
-//! Every message that must survive (chat/normal with content, receipts,
-//! markers) is appended to the recipient account's queue *before* it is
-//! pushed to any live session, under the account's delivery lock. It
-//! stays there until a device of the account acknowledges it (XEP-0198
-//! `<a/>`, or for clients without stream management the answer to a
-//! server ping sent after it). So the store is a write-back cache of
-//! unacknowledged messages, never an archive.
+//! [`LocalRouter`]: the single-node router over the in-process session
+//! registry and the local store.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::error::TrySendError;
 
+use super::registry::{AccountEntry, SessionHandle, SessionRegistry, TokenBucket};
+use super::*;
 use crate::protocol::element::xep82_datetime;
-use crate::protocol::stanza::StanzaError;
-use crate::protocol::{Element, Jid, ns};
-use crate::session::{AccountEntry, Outbound, SessionHandle, SessionRegistry, TokenBucket};
-use crate::storage::{OfflineStore, QueueUsage, QueuedMeta, StoredMessage, Ticket, UserStore};
-
-/// Outcome of routing a message.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Delivery {
-    /// Stored under this ticket (and pushed to live sessions, if any).
-    Durable(Ticket),
-    /// Pushed live to this many sessions, not stored.
-    Transient(usize),
-}
-
-/// How a message is to be treated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MessageClass {
-    /// Stored until acknowledged.
-    Durable,
-    /// Delivered only to sessions online now (chat states, headlines,
-    /// errors).
-    LiveOnly,
-}
-
-/// Routing interface between features and the delivery machinery.
-pub trait Router: Send + Sync {
-    /// Delivers a message (with `from` stamped) to the local account named
-    /// by `to`.
-    ///
-    /// # Errors
-    /// `service-unavailable` for unknown accounts, `resource-constraint`
-    /// when the recipient's queue is full or the sender holds its whole
-    /// share of it, `internal-server-error` when the store fails.
-    fn message(&self, to: &Jid, stanza: Element, class: MessageClass) -> Result<Delivery, StanzaError>;
-
-    /// Pushes a non-stored stanza to one full JID, or to every available
-    /// session of a bare JID. Returns how many sessions it reached.
-    fn transient(&self, to: &Jid, xml: Arc<str>) -> usize;
-
-    /// A device acknowledged these stored messages: delete them.
-    fn confirm(&self, local: &str, seqs: &[u64]);
-
-    /// Marks a session available and returns the sequence number up to
-    /// which the session must read the store; later messages arrive live.
-    fn attach(&self, local: &str, session_id: u64) -> u64;
-
-    /// Stored messages of `local` in `(after, upto]`, oldest first, with
-    /// a XEP-0203 delay stamp added: at most `limit`, and no more once
-    /// `max_bytes` are read (at least one).
-    fn pending(&self, local: &str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Vec<(u64, Arc<str>)>;
-
-    /// Whether the account exists.
-    fn account_exists(&self, local: &str) -> bool;
-
-    /// Takes `cost` messages from `local`'s sending budget (the
-    /// per-account rate limit); false when it is used up.
-    fn admit_message(&self, local: &str, cost: f64) -> bool;
-
-    /// Delivers one message to many accounts (group fan-out) with one
-    /// batched durable write. `build(local, seq)` renders the stanza for
-    /// each recipient. Returns the ticket and the recipients that do not
-    /// get it. The reason is always `resource-constraint`: the member's
-    /// queue is full (in messages or bytes), or the sender (the group)
-    /// holds its whole share of it.
-    ///
-    /// # Errors
-    /// `internal-server-error` when the store fails.
-    fn fanout(
-        &self,
-        recipients: &[String],
-        build: &dyn Fn(&str, u64) -> String,
-    ) -> Result<(Ticket, Vec<String>), StanzaError>;
-}
-
-/// Limits on what a recipient's queue holds and on how fast an account
-/// sends.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    /// Messages per queue.
-    pub max_queue: usize,
-    /// Bytes per queue.
-    pub max_queue_bytes: usize,
-    /// Percentage of both that one sender may hold.
-    pub sender_share_percent: u8,
-    /// Messages per second one account may send, sustained.
-    pub rate_per_sec: f64,
-    /// Messages one account may send at once after a pause.
-    pub rate_burst: f64,
-}
-
-impl Limits {
-    pub fn from_config(cfg: &crate::config::Config) -> Limits {
-        Limits {
-            max_queue: cfg.offline.max_queue,
-            max_queue_bytes: cfg.offline.max_queue_bytes,
-            sender_share_percent: cfg.offline.sender_share_percent,
-            rate_per_sec: cfg.delivery.messages_per_sec,
-            rate_burst: cfg.delivery.messages_burst,
-        }
-    }
-
-    /// Whether a message of `bytes` from `sender` fits into `q`.
-    fn admits(&self, q: &QueueUsage, sender: &str, bytes: usize) -> Result<(), StanzaError> {
-        if q.count >= self.max_queue || q.bytes + bytes > self.max_queue_bytes {
-            return Err(StanzaError::ResourceConstraint);
-        }
-        let pct = usize::from(self.sender_share_percent.clamp(1, 100));
-        let (n, b) = q.of_sender(sender);
-        let max_n = (self.max_queue * pct / 100).max(1);
-        let max_b = (self.max_queue_bytes / 100 * pct).max(bytes);
-        if n >= max_n || b + bytes > max_b {
-            return Err(StanzaError::ResourceConstraint);
-        }
-        Ok(())
-    }
-}
+use crate::storage::{OfflineStore, QueueUsage, QueuedMeta, StoredMessage, UserStore};
 
 /// Single-node router over the local registry and store.
 pub struct LocalRouter {
     domain: String,
-    registry: Arc<SessionRegistry>,
+    registry: SessionRegistry,
     offline: Arc<dyn OfflineStore>,
     users: Arc<dyn UserStore>,
     limits: Limits,
 }
 
 impl LocalRouter {
-    pub fn new(
-        domain: &str,
-        registry: Arc<SessionRegistry>,
-        offline: Arc<dyn OfflineStore>,
-        users: Arc<dyn UserStore>,
-        limits: Limits,
-    ) -> LocalRouter {
-        LocalRouter { domain: domain.to_string(), registry, offline, users, limits }
+    pub fn new(domain: &str, offline: Arc<dyn OfflineStore>, users: Arc<dyn UserStore>, limits: Limits) -> LocalRouter {
+        LocalRouter { domain: domain.to_string(), registry: SessionRegistry::default(), offline, users, limits }
     }
 
     /// The account's queue usage, loaded on first use.
@@ -176,20 +44,43 @@ impl LocalRouter {
     }
 }
 
-/// Pushes a stored message to the account's sessions `wanted` selects; a
-/// session whose channel is full (in items or bytes) loses its registry
-/// handle: its connection drains what it has and closes as a slow
-/// consumer. The message stays stored.
-fn push_live(local: &str, e: &mut AccountEntry, seq: u64, xml: &Arc<str>, wanted: impl Fn(&SessionHandle) -> bool) {
+/// Sends to the account's sessions: `item` renders what each gets, or
+/// skips it. This is the router's one overload policy: a session whose
+/// channel is full (in items or bytes) loses its registry handle, so its
+/// connection drains what it has and closes as a slow consumer; a stored
+/// message stays stored. Returns how many sessions took an item.
+fn send_each(local: &str, e: &mut AccountEntry, mut item: impl FnMut(&SessionHandle) -> Option<Outbound>) -> usize {
     let mut slow = Vec::new();
-    for s in e.sessions.iter().filter(|s| wanted(s)) {
-        if let Err(TrySendError::Full(_)) = s.tx.try_send(Outbound::Stored { seq, xml: xml.clone() }) {
-            slow.push(s.id);
+    let mut n = 0;
+    for s in &e.sessions {
+        let Some(o) = item(s) else { continue };
+        match s.tx.try_send(o) {
+            Ok(()) => n += 1,
+            Err(TrySendError::Full(_)) => slow.push(s.id),
+            Err(TrySendError::Closed(_)) => {}
         }
     }
     if !slow.is_empty() {
         tracing::warn!(account = local, sessions = slow.len(), "disconnecting slow consumer");
         e.sessions.retain(|s| !slow.contains(&s.id));
+    }
+    n
+}
+
+/// Pushes a stored message to the account's sessions `wanted` selects.
+fn push_live(local: &str, e: &mut AccountEntry, seq: u64, xml: &Arc<str>, wanted: impl Fn(&SessionHandle) -> bool) {
+    send_each(local, e, |s| wanted(s).then(|| Outbound::Stored { seq, xml: xml.clone() }));
+}
+
+fn view(s: &SessionHandle) -> SessionView {
+    SessionView {
+        id: s.id,
+        resource: s.resource.clone(),
+        available: s.available,
+        priority: s.priority,
+        presence: s.presence.clone(),
+        roster: s.interested,
+        carbons: s.carbons,
     }
 }
 
@@ -228,6 +119,77 @@ fn with_delay(xml: &str, domain: &str, ts_ms: u64) -> String {
 }
 
 impl Router for LocalRouter {
+    fn bind(&self, local: &str, id: u64, resource: &str, tx: OutboundTx, max_resources: usize) {
+        for old in self.registry.bind(local, SessionHandle::new(id, resource, tx), max_resources) {
+            let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
+        }
+    }
+
+    fn unbind(&self, local: &str, id: u64) -> bool {
+        self.registry.unbind(local, id)
+    }
+
+    fn update_session(&self, local: &str, id: u64, update: SessionUpdate) {
+        self.registry.with(local, |e| {
+            let Some(h) = e.session_mut(id) else { return };
+            match update {
+                SessionUpdate::Presence { stanza, priority } => {
+                    h.priority = priority;
+                    if stanza.is_none() {
+                        h.available = false;
+                    }
+                    h.presence = stanza;
+                }
+                SessionUpdate::RosterRequested => h.interested = true,
+                SessionUpdate::Carbons(on) => h.carbons = on,
+            }
+        });
+    }
+
+    fn sessions(&self, local: &str) -> Vec<SessionView> {
+        self.registry.peek(local, |e| e.sessions.iter().map(view).collect()).unwrap_or_default()
+    }
+
+    fn push(&self, local: &str, audience: Audience<'_>, render: &dyn Fn(&SessionView) -> Option<Arc<str>>) -> usize {
+        // Looking is cheaper than creating an entry for an account with
+        // no sessions (most pushes go to offline contacts).
+        if !self.registry.peek(local, |e| !e.sessions.is_empty()).unwrap_or(false) {
+            return 0;
+        }
+        self.registry.with(local, |e| {
+            send_each(local, e, |h| {
+                let v = view(h);
+                if !audience.includes(&v) {
+                    return None;
+                }
+                render(&v).map(Outbound::Stanza)
+            })
+        })
+    }
+
+    fn close_sessions(&self, local: &str, reason: CloseReason, except: Option<u64>) {
+        for h in self.registry.sessions(local) {
+            if Some(h.id) != except {
+                let _ = h.tx.try_send(Outbound::Close(reason));
+            }
+        }
+    }
+
+    fn close_all(&self, reason: CloseReason) {
+        for h in self.registry.all() {
+            let _ = h.tx.try_send(Outbound::Close(reason));
+        }
+    }
+
+    fn queue_changed(&self, local: Option<&str>) {
+        match local {
+            Some(l) => {
+                self.registry.peek_mut(l, |e| e.queue = None);
+            }
+            None => self.registry.invalidate_queue_counts(),
+        }
+    }
+
     fn message(&self, to: &Jid, mut stanza: Element, class: MessageClass) -> Result<Delivery, StanzaError> {
         let Some(local) = to.local.as_deref() else {
             return Err(StanzaError::ServiceUnavailable);
@@ -267,21 +229,11 @@ impl Router for LocalRouter {
 
     fn transient(&self, to: &Jid, xml: Arc<str>) -> usize {
         let Some(local) = to.local.as_deref() else { return 0 };
-        self.registry
-            .peek(local, |e| {
-                let mut n = 0;
-                for s in &e.sessions {
-                    let wanted = match to.resource.as_deref() {
-                        Some(r) => s.resource == r,
-                        None => s.available,
-                    };
-                    if wanted && s.tx.try_send(Outbound::Stanza(xml.clone())).is_ok() {
-                        n += 1;
-                    }
-                }
-                n
-            })
-            .unwrap_or(0)
+        let audience = match to.resource.as_deref() {
+            Some(r) => Audience::resource(r),
+            None => Audience::available(),
+        };
+        self.push(local, audience, &|_| Some(xml.clone()))
     }
 
     fn confirm(&self, local: &str, seqs: &[u64]) {
@@ -381,22 +333,21 @@ impl Router for LocalRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::outbound_channel;
+    use crate::protocol::Element;
     use crate::storage::Stores;
 
     fn limits(max_queue: usize) -> Limits {
         Limits { max_queue, max_queue_bytes: 1 << 20, sender_share_percent: 100, rate_per_sec: 10.0, rate_burst: 3.0 }
     }
 
-    fn router_with(l: Limits) -> (LocalRouter, Arc<SessionRegistry>, Stores) {
+    fn router_with(l: Limits) -> (LocalRouter, Stores) {
         let stores = Stores::memory();
         stores.users.put_user("15550000001", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
-        let reg = Arc::new(SessionRegistry::default());
-        let r = LocalRouter::new("localhost", reg.clone(), stores.offline.clone(), stores.users.clone(), l);
-        (r, reg, stores)
+        let r = LocalRouter::new("localhost", stores.offline.clone(), stores.users.clone(), l);
+        (r, stores)
     }
 
-    fn router(max_queue: usize) -> (LocalRouter, Arc<SessionRegistry>, Stores) {
+    fn router(max_queue: usize) -> (LocalRouter, Stores) {
         router_with(limits(max_queue))
     }
 
@@ -414,13 +365,13 @@ mod tests {
 
     #[test]
     fn offline_then_attach_reads_in_order_and_confirm_deletes() {
-        let (r, reg, stores) = router(10);
+        let (r, stores) = router(10);
         let to = Jid::parse("15550000001@localhost").unwrap();
         for i in 0..3 {
             assert!(matches!(r.message(&to, msg(&i.to_string()), MessageClass::Durable), Ok(Delivery::Durable(_))));
         }
         let (tx, mut rx) = outbound_channel(8, 1 << 20);
-        reg.bind("15550000001", SessionHandle::new(9, "r", tx), 5);
+        r.bind("15550000001", 9, "r", tx, 5);
         let upto = r.attach("15550000001", 9);
         r.message(&to, msg("live"), MessageClass::Durable).unwrap();
         let stored = r.pending("15550000001", 0, upto, 100, usize::MAX);
@@ -435,12 +386,12 @@ mod tests {
         r.confirm("15550000001", &seqs);
         r.confirm("15550000001", &seqs);
         assert_eq!(stores.offline.count("15550000001").unwrap(), 1);
-        assert_eq!(reg.peek("15550000001", |e| e.queue.as_ref().map(|q| q.count)), Some(Some(1)));
+        assert_eq!(r.registry.peek("15550000001", |e| e.queue.as_ref().map(|q| q.count)), Some(Some(1)));
     }
 
     #[test]
     fn one_sender_gets_only_its_share_and_others_still_get_through() {
-        let (r, _reg, stores) = router_with(Limits { sender_share_percent: 25, ..limits(8) });
+        let (r, stores) = router_with(Limits { sender_share_percent: 25, ..limits(8) });
         let to = Jid::parse("15550000001@localhost").unwrap();
         let flood = "15550000002@localhost/a";
         for i in 0..2 {
@@ -450,7 +401,7 @@ mod tests {
         r.message(&to, msg_from("15550000003@localhost/b", "hi"), MessageClass::Durable).unwrap();
         assert_eq!(stores.offline.count("15550000001").unwrap(), 3);
         // Bytes count as well: one large message uses up a sender's share.
-        let (r, _reg, _s) = router_with(Limits { sender_share_percent: 25, max_queue_bytes: 4000, ..limits(100) });
+        let (r, _s) = router_with(Limits { sender_share_percent: 25, max_queue_bytes: 4000, ..limits(100) });
         r.message(&to, msg_from(flood, &"x".repeat(700)), MessageClass::Durable).unwrap();
         assert_eq!(
             r.message(&to, msg_from(flood, &"y".repeat(700)), MessageClass::Durable),
@@ -458,14 +409,14 @@ mod tests {
         );
         r.message(&to, msg_from("15550000003@localhost/b", &"z".repeat(700)), MessageClass::Durable).unwrap();
         // And the queue as a whole has a byte limit.
-        let (r, _reg, _s) = router_with(Limits { max_queue_bytes: 2000, ..limits(100) });
+        let (r, _s) = router_with(Limits { max_queue_bytes: 2000, ..limits(100) });
         r.message(&to, msg(&"x".repeat(900)), MessageClass::Durable).unwrap();
         assert_eq!(r.message(&to, msg(&"x".repeat(900)), MessageClass::Durable), Err(StanzaError::ResourceConstraint));
     }
 
     #[test]
     fn sequence_numbers_are_per_account_and_survive_an_empty_queue() {
-        let (r, reg, stores) = router(10);
+        let (r, stores) = router(10);
         stores.users.put_user("15550000009", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
         let to = Jid::parse("15550000001@localhost").unwrap();
         let other = Jid::parse("15550000009@localhost").unwrap();
@@ -477,7 +428,7 @@ mod tests {
         assert_eq!(r.pending("15550000009", 0, u64::MAX, 10, usize::MAX)[0].0, 1);
         r.confirm("15550000001", &seqs);
         // Forget the cached mark, as after the entry was dropped.
-        reg.with("15550000001", |e| e.last_seq = None);
+        r.registry.with("15550000001", |e| e.last_seq = None);
         r.message(&to, msg("d"), MessageClass::Durable).unwrap();
         assert_eq!(r.pending("15550000001", 0, u64::MAX, 10, usize::MAX)[0].0, 3);
     }
@@ -494,8 +445,7 @@ mod tests {
         let locals: Vec<String> = (0..ACCOUNTS).map(|i| format!("1555000{i:04}")).collect();
         let open = || {
             let stores = Stores::open_fjall(&dir).unwrap();
-            let reg = Arc::new(SessionRegistry::default());
-            let r = LocalRouter::new("localhost", reg, stores.offline.clone(), stores.users.clone(), limits(1 << 20));
+            let r = LocalRouter::new("localhost", stores.offline.clone(), stores.users.clone(), limits(1 << 20));
             (Arc::new(r), stores)
         };
         {
@@ -558,7 +508,7 @@ mod tests {
 
     #[test]
     fn rate_limit_per_account() {
-        let (r, _reg, _s) = router(10);
+        let (r, _s) = router(10);
         assert!((0..3).all(|_| r.admit_message("15550000002", 1.0)));
         assert!(!r.admit_message("15550000002", 1.0));
         assert!(r.admit_message("15550000003", 1.0));
@@ -566,7 +516,7 @@ mod tests {
 
     #[test]
     fn queue_limit_and_unknown_account() {
-        let (r, _reg, _s) = router(2);
+        let (r, _s) = router(2);
         let to = Jid::parse("15550000001@localhost").unwrap();
         r.message(&to, msg("a"), MessageClass::Durable).unwrap();
         r.message(&to, msg("b"), MessageClass::Durable).unwrap();
