@@ -18,7 +18,9 @@
 //!   (XEP-0352 `<active/>`, …);
 //! - **outgoing**: every stanza the router pushes to a session, before it
 //!   is written (XEP-0352 holds some back);
-//! - **lifecycle**: a session ended; an account's data is being erased.
+//! - **lifecycle**: a session ended; an account's data is being erased
+//!   (each module erases what it stored, so nothing of the account
+//!   survives for whoever holds the number next).
 //!
 //! And what the server advertises: disco features and extensions of the
 //! server's disco#info.
@@ -121,6 +123,11 @@ pub type OutgoingHook = fn(&mut Session, Arc<str>) -> Option<Arc<str>>;
 /// Called when a session ends for good.
 pub type SessionHook = fn(&mut Session);
 
+/// Erases what a module stored for an account (deleted, or its number
+/// handed to a new owner). Runs with or without a live server.
+pub type AccountErased =
+    fn(&crate::storage::Stores, Option<&crate::server::Server>, &str) -> crate::storage::Result<crate::storage::Ticket>;
+
 /// Adds to the server's disco#info answer (e.g. a XEP-0128 form).
 pub type DiscoExtension = fn(&Session, &mut Element);
 
@@ -140,6 +147,7 @@ pub struct Hooks {
     nonzas: Vec<(&'static str, NonzaHandler)>,
     outgoing: Vec<OutgoingHook>,
     ended: Vec<SessionHook>,
+    erased: Vec<AccountErased>,
     disco_features: Vec<&'static str>,
     account_disco_features: Vec<&'static str>,
     disco_extensions: Vec<DiscoExtension>,
@@ -188,6 +196,10 @@ impl Hooks {
 
     pub fn session_ended(&mut self, f: SessionHook) {
         self.ended.push(f);
+    }
+
+    pub fn account_erased(&mut self, f: AccountErased) {
+        self.erased.push(f);
     }
 
     /// A feature the server advertises in disco#info.
@@ -239,6 +251,10 @@ impl Hooks {
         for f in &self.ended {
             f(s);
         }
+    }
+
+    pub fn account_erased_hooks(&self) -> &[AccountErased] {
+        &self.erased
     }
 
     pub fn disco_features(&self) -> &[&'static str] {

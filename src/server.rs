@@ -40,9 +40,9 @@ pub struct Server {
     /// Block lists and visibility settings of recently seen accounts.
     pub policies: crate::modules::privacy::PolicyCache,
     /// Contact-discovery allowance per account.
-    pub discovery: crate::modules::discovery::Throttle,
+    pub discovery: crate::modules::contacts::Throttle,
     /// Group creations per account.
-    pub group_creations: crate::modules::discovery::Throttle,
+    pub group_creations: crate::modules::contacts::Throttle,
     /// Bytes stored through group messages per account.
     pub group_bytes: crate::modules::groups::deliver::ByteBudget,
     /// In-band registrations per client IP.
@@ -68,7 +68,7 @@ impl Server {
         let sasl = Sasl::new(stores.users.clone(), &cfg.domain, secret, cfg.auth.scram_iterations, end_point);
         let guards = crate::c2s::guard::Guards::new(&cfg.auth);
         let connections = Arc::new(Semaphore::new(cfg.limits.max_connections));
-        Ok(Arc::new(Server {
+        let srv = Arc::new(Server {
             cfg,
             stores,
             router,
@@ -87,7 +87,16 @@ impl Server {
             group_bytes: Default::default(),
             ibr_limit: Default::default(),
             durable: Default::default(),
-        }))
+        });
+        // The durability waiters follow the engine's watermark for as long
+        // as the server lives (a server built outside a runtime, in unit
+        // tests, has none and must not wait for durability).
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let w = srv.durable.clone();
+            let rx = srv.stores.durability.committed();
+            rt.spawn(async move { w.run(rx).await });
+        }
+        Ok(srv)
     }
 
     pub fn domain(&self) -> &str {
@@ -195,11 +204,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let bound = Bound { c2s: bind_one(&srv.cfg.listen.c2s).await?, c2s_tls: bind_one(&srv.cfg.listen.c2s_tls).await? };
     let admin = crate::admin::listen(srv.clone()).await?;
     let mut tasks = Vec::new();
-    {
-        let w = srv.durable.clone();
-        let rx = srv.stores.durability.committed();
-        tasks.push(tokio::spawn(async move { w.run(rx).await }));
-    }
     // HTTP and media first: once a c2s line is printed, everything a
     // client can ask for (upload slots included) is ready.
     let api = crate::api::accounts::routes(srv.clone())?;

@@ -36,7 +36,7 @@ use subtle::ConstantTimeEq;
 
 use super::limit::{Cidr, Windows, client_ip, client_key};
 use super::sms::{Gateway, SmsConfig};
-use crate::admin::{self, Request};
+use crate::accounts::service::Request;
 use crate::protocol::phone;
 use crate::server::Server;
 
@@ -241,13 +241,12 @@ async fn register(State(api): State<Arc<AccountsApi>>, body: Bytes) -> Response 
     } else {
         Request::Put { users: vec![(l2, rec)], replace: true, must_exist: false }
     };
-    let resp = tokio::task::spawn_blocking(move || admin::execute(&srv.stores, Some(&srv), req)).await;
+    let resp = tokio::task::spawn_blocking(move || crate::accounts::service::apply(&srv.stores, Some(&srv), req)).await;
     match resp {
         Ok(r) if r.ok => {
             // The key is handed out only once it (and the erasure of a
             // previous owner) survives a crash.
-            let mut committed = api.srv.stores.durability.committed();
-            if crate::storage::wait_durable(&mut committed, r.ticket).await.is_err() {
+            if api.srv.durable.until(r.ticket).await.is_err() {
                 return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "could not store the account");
             }
             tracing::info!(account = %local, new_device = existed, "registered by SMS code");

@@ -78,7 +78,7 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
     // Every answer below says something about whether the account exists
     // or is online: it costs the asker one contact-discovery lookup.
     if let Some(l) = j.local.as_deref()
-        && !super::discovery::charge(&s.srv, &s.local, l)
+        && !super::contacts::charge(&s.srv, &s.local, l)
     {
         s.reply_error(&iq, StanzaError::ResourceConstraint);
         return;

@@ -98,7 +98,7 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
         }
         if super::privacy::policy(&srv, l).blocks(&s.bare().to_string()) {
             // Indistinguishable from a number that is not registered.
-            if typ != "error" && super::discovery::charge(&srv, &s.local, l) {
+            if typ != "error" && super::contacts::charge(&srv, &s.local, l) {
                 s.reply_error(&m, StanzaError::ServiceUnavailable);
             }
             return;
@@ -120,7 +120,7 @@ pub fn handle(s: &mut Session, m: Element, to: Option<Jid>) {
             // answer no longer tells registered numbers apart.
             let unknown = e == StanzaError::ServiceUnavailable;
             let local = to.local.as_deref().unwrap_or("");
-            if typ != "error" && (!unknown || super::discovery::charge(&s.srv, &s.local, local)) {
+            if typ != "error" && (!unknown || super::contacts::charge(&s.srv, &s.local, local)) {
                 s.reply_error(&original, e);
             }
         }

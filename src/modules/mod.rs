@@ -10,9 +10,9 @@ use crate::hooks::Module;
 
 pub mod blocking;
 pub mod carbons;
+pub mod contacts;
 pub mod csi;
 pub mod disco;
-pub mod discovery;
 pub mod groups;
 pub mod iq;
 pub mod message;
@@ -43,7 +43,7 @@ pub const ALL: &[&Module] = &[
     &carbons::MODULE,
     &blocking::MODULE,
     &privacy::MODULE,
-    &discovery::MODULE,
+    &contacts::MODULE,
     &pep::MODULE,
     &register::MODULE,
     &upload::MODULE,

@@ -15,6 +15,13 @@ pub const MODULE: Module = Module { name: "offline", specs: &["XEP-0160", "XEP-0
 fn register(h: &mut Hooks) {
     h.disco_feature("msgoffline");
     h.disco_feature(crate::protocol::ns::DELAY);
+    h.account_erased(|stores, srv, local| {
+        let t = stores.offline.clear(local)?;
+        if let Some(srv) = srv {
+            srv.router.queue_changed(Some(local));
+        }
+        Ok(t)
+    });
 }
 
 /// Deletes expired messages every `reap_interval_secs`.

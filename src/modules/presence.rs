@@ -45,7 +45,7 @@ pub fn handle(s: &mut Session, p: Element, to: Option<Jid>) {
             // always allowed. Asking a stranger costs a contact-discovery
             // lookup, like any other question about a number.
             let allowed =
-                t != "subscribe" || to.local.as_deref().is_none_or(|l| super::discovery::charge(&s.srv, &s.local, l));
+                t != "subscribe" || to.local.as_deref().is_none_or(|l| super::contacts::charge(&s.srv, &s.local, l));
             if (!blocked || t.starts_with("un")) && allowed {
                 subscription(s, &t, &to.bare());
             }

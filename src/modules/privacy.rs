@@ -281,6 +281,14 @@ fn register(h: &mut Hooks) {
     h.disco_feature(NS);
     h.iq_server(GET_SET, NS, "privacy", |s, r| handle_iq(s, r.iq, r.payload));
     h.iq(IqTarget::Account, GET_SET, LAST, "query", |s, r| handle_last(s, r.iq, r.to));
+    // The settings themselves are erased with the account's other
+    // settings; the cached copy goes here.
+    h.account_erased(|_, srv, local| {
+        if let Some(srv) = srv {
+            srv.policies.forget(local);
+        }
+        Ok(0)
+    });
 }
 
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use crate::admin::{self, Request};
+use crate::accounts::service::Request;
 use crate::c2s::session::Session;
 use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::element::escape;
@@ -69,7 +69,7 @@ pub async fn pre_auth(srv: &Server, iq: &Element, q: &Element, ip: IpAddr) -> St
             let Ok(rec) = rec else {
                 return err(iq, StanzaError::InternalServerError, "");
             };
-            let resp = admin::execute(
+            let resp = crate::accounts::service::apply(
                 &srv.stores,
                 None,
                 Request::Put { users: vec![(local.clone(), rec)], replace: false, must_exist: false },
@@ -98,7 +98,7 @@ pub fn post_auth(s: &mut Session, iq: &Element, q: &Element) {
         r.set_attr("to", s.jid.to_string());
         r.remove_attr("from");
         s.send(&r);
-        let resp = admin::execute(&srv.stores, Some(&srv), Request::Delete { local: s.local.clone() });
+        let resp = crate::accounts::service::apply(&srv.stores, Some(&srv), Request::Delete { local: s.local.clone() });
         if !resp.ok {
             tracing::error!(account = %s.local, error = ?resp.error, "in-band removal failed");
         }
@@ -111,7 +111,7 @@ pub fn post_auth(s: &mut Session, iq: &Element, q: &Element) {
     };
     let mut rec = crate::accounts::make_record(&pw, srv.cfg.auth.scram_iterations, crate::accounts::now_ms());
     rec.key_generation = 1;
-    let resp = admin::execute(
+    let resp = crate::accounts::service::apply(
         &srv.stores,
         None,
         Request::Put { users: vec![(s.local.clone(), rec)], replace: true, must_exist: true },

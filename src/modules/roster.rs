@@ -84,6 +84,36 @@ pub const MODULE: Module = Module { name: "roster", specs: &["RFC 6121 §2"], re
 
 fn register(h: &mut Hooks) {
     h.iq_server(GET_SET, ns::ROSTER, "query", |s, r| handle_iq(s, r.iq, r.payload));
+    h.account_erased(erase);
+}
+
+/// Erases an account's roster and the subscriptions other accounts hold
+/// to it.
+fn erase(
+    stores: &crate::storage::Stores,
+    srv: Option<&Server>,
+    local: &str,
+) -> crate::storage::Result<crate::storage::Ticket> {
+    let domain = srv.map(|s| s.domain().to_string());
+    for item in stores.roster.roster(local)? {
+        let Some((other, d)) = item.jid.split_once('@') else { continue };
+        if domain.as_deref().is_some_and(|dom| dom != d) {
+            continue;
+        }
+        let me = format!("{local}@{d}");
+        if let Some(mut theirs) = stores.roster.roster_item(other, &me)? {
+            theirs.subscription = crate::storage::Subscription::None;
+            theirs.ask = false;
+            theirs.pending_in = false;
+            theirs.approved = false;
+            if theirs.hidden {
+                stores.roster.remove_roster_item(other, &me)?;
+            } else {
+                stores.roster.put_roster_item(other, &theirs)?;
+            }
+        }
+    }
+    stores.roster.clear_roster(local)
 }
 
 pub fn handle_iq(s: &mut Session, iq: &Element, q: &Element) {

@@ -3,7 +3,6 @@
 pub const CLIENT: &str = "jabber:client";
 pub const STREAM: &str = "http://etherx.jabber.org/streams";
 pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
-pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
 pub const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 pub const TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
@@ -18,5 +17,3 @@ pub const SM: &str = "urn:xmpp:sm:3";
 pub const STANZA_ID: &str = "urn:xmpp:sid:0";
 pub const SASL_CB: &str = "urn:xmpp:sasl-cb:0";
 pub const VERSION: &str = "jabber:iq:version";
-pub const ROSTER_VER: &str = "urn:xmpp:features:rosterver";
-pub const PRE_APPROVAL: &str = "urn:xmpp:features:pre-approval";

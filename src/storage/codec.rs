@@ -23,8 +23,11 @@ pub fn owner_prefix(local: &str) -> Vec<u8> {
     k
 }
 
-/// `owner \0 contact`.
-pub fn roster_key(owner: &str, contact: &str) -> Vec<u8> {
+/// `owner \0 name`: a record that belongs to one account — a roster item
+/// (name = the contact's bare JID), a setting (name = the setting) or a
+/// group-index entry (owner = the member, name = the group id). Prefix
+/// scans over [`owner_prefix`] find all of one account's records.
+pub fn owner_key(owner: &str, contact: &str) -> Vec<u8> {
     let mut k = owner_prefix(owner);
     k.extend_from_slice(contact.as_bytes());
     k

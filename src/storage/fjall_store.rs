@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
 
-use super::codec::{self, decode_message, encode_message, offline_key, owner_prefix, roster_key, seq_mark_key};
+use super::codec::{self, decode_message, encode_message, offline_key, owner_key, owner_prefix, seq_mark_key};
 use super::erasure::{MessageKeys, Opened};
 use super::{
     Durability, Group, GroupStore, OfflineStore, QueueUsage, QueuedMeta, Result, RosterItem, RosterStore,
@@ -551,7 +551,7 @@ impl RosterStore for FjallStore {
     }
 
     fn roster_item(&self, owner: &str, contact: &str) -> Result<Option<RosterItem>> {
-        match self.roster.get(roster_key(owner, contact)).map_err(eng)? {
+        match self.roster.get(owner_key(owner, contact)).map_err(eng)? {
             Some(v) => Ok(Some(codec::from_json(&v)?)),
             None => Ok(None),
         }
@@ -559,11 +559,11 @@ impl RosterStore for FjallStore {
 
     fn put_roster_item(&self, owner: &str, item: &RosterItem) -> Result<Ticket> {
         let v = codec::json(item);
-        self.write(|b| b.insert(&self.roster, roster_key(owner, &item.jid), v))
+        self.write(|b| b.insert(&self.roster, owner_key(owner, &item.jid), v))
     }
 
     fn remove_roster_item(&self, owner: &str, contact: &str) -> Result<Ticket> {
-        self.write(|b| b.remove(&self.roster, roster_key(owner, contact)))
+        self.write(|b| b.remove(&self.roster, owner_key(owner, contact)))
     }
 
     fn clear_roster(&self, owner: &str) -> Result<Ticket> {
@@ -591,12 +591,12 @@ impl GroupStore for FjallStore {
             if let Some(p) = previous {
                 for m in &p.members {
                     if group.member(&m.local).is_none() {
-                        b.remove(&self.group_index, roster_key(&m.local, &group.id));
+                        b.remove(&self.group_index, owner_key(&m.local, &group.id));
                     }
                 }
             }
             for m in &group.members {
-                b.insert(&self.group_index, roster_key(&m.local, &group.id), b"");
+                b.insert(&self.group_index, owner_key(&m.local, &group.id), b"");
             }
         })
     }
@@ -605,7 +605,7 @@ impl GroupStore for FjallStore {
         self.write(|b| {
             b.remove(&self.groups, group.id.as_str());
             for m in &group.members {
-                b.remove(&self.group_index, roster_key(&m.local, &group.id));
+                b.remove(&self.group_index, owner_key(&m.local, &group.id));
             }
         })
     }
@@ -624,15 +624,11 @@ impl GroupStore for FjallStore {
 
 impl SettingsStore for FjallStore {
     fn get_setting(&self, owner: &str, name: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.settings.get(roster_key(owner, name)).map_err(eng)?.map(|v| v.to_vec()))
+        Ok(self.settings.get(owner_key(owner, name)).map_err(eng)?.map(|v| v.to_vec()))
     }
 
     fn put_setting(&self, owner: &str, name: &str, value: &[u8]) -> Result<Ticket> {
-        self.write(|b| b.insert(&self.settings, roster_key(owner, name), value))
-    }
-
-    fn delete_setting(&self, owner: &str, name: &str) -> Result<Ticket> {
-        self.write(|b| b.remove(&self.settings, roster_key(owner, name)))
+        self.write(|b| b.insert(&self.settings, owner_key(owner, name), value))
     }
 
     fn clear_settings(&self, owner: &str) -> Result<Ticket> {

@@ -185,10 +185,6 @@ impl SettingsStore for MemoryStore {
         self.settings.lock().map_err(poisoned)?.insert((owner.to_string(), name.to_string()), value.to_vec());
         Ok(self.ticket())
     }
-    fn delete_setting(&self, owner: &str, name: &str) -> Result<Ticket> {
-        self.settings.lock().map_err(poisoned)?.remove(&(owner.to_string(), name.to_string()));
-        Ok(self.ticket())
-    }
     fn clear_settings(&self, owner: &str) -> Result<Ticket> {
         self.settings.lock().map_err(poisoned)?.retain(|(o, _), _| o != owner);
         Ok(self.ticket())

@@ -299,7 +299,6 @@ pub trait RosterStore: Send + Sync {
 pub trait SettingsStore: Send + Sync {
     fn get_setting(&self, owner: &str, name: &str) -> Result<Option<Vec<u8>>>;
     fn put_setting(&self, owner: &str, name: &str, value: &[u8]) -> Result<Ticket>;
-    fn delete_setting(&self, owner: &str, name: &str) -> Result<Ticket>;
     /// Deletes every setting of `owner` (account deletion).
     fn clear_settings(&self, owner: &str) -> Result<Ticket>;
 }

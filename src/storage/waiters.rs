@@ -6,6 +6,11 @@
 //! Instead each waiter registers a one-shot for its ticket here, and a
 //! single task, woken by the watermark, fires exactly the waiters whose
 //! ticket is now covered.
+//!
+//! This is the one way the server waits for durability (a session's
+//! `<a h/>`, the registration API's answer): a backend only has to move
+//! the [`super::Durability`] watermark, however it learns that writes are
+//! safe (a local fsync, a JetStream quorum acknowledgement).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -38,6 +43,17 @@ impl Waiters {
         Some(rx)
     }
 
+    /// Waits until `t` is durable.
+    ///
+    /// # Errors
+    /// [`super::StoreError::Closed`] if the engine stopped first.
+    pub async fn until(&self, t: Ticket) -> super::Result<()> {
+        match self.wait(t) {
+            None => Ok(()),
+            Some(rx) => rx.await.map_err(|_| super::StoreError::Closed),
+        }
+    }
+
     /// Records `c` as durable and fires every waiter it covers.
     pub fn fire(&self, c: Ticket) {
         let ready = {
@@ -59,6 +75,10 @@ impl Waiters {
             let c = *rx.borrow_and_update();
             self.fire(c);
             if rx.changed().await.is_err() {
+                // The engine stopped: nothing more becomes durable, and
+                // dropping the senders tells every waiter so.
+                let rest = std::mem::take(&mut *self.map.lock().unwrap_or_else(|p| p.into_inner()));
+                drop(rest);
                 return;
             }
         }
@@ -80,5 +100,24 @@ mod tests {
         assert!(w.wait(4).is_none());
         w.fire(7);
         assert!(b.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn waiters_learn_when_the_engine_stops() {
+        let w = std::sync::Arc::new(Waiters::default());
+        let (tx, rx) = watch::channel(1);
+        let run = tokio::spawn({
+            let w = w.clone();
+            async move { w.run(rx).await }
+        });
+        w.until(1).await.unwrap();
+        let pending = tokio::spawn({
+            let w = w.clone();
+            async move { w.until(9).await }
+        });
+        tokio::task::yield_now().await;
+        drop(tx);
+        run.await.unwrap();
+        assert!(pending.await.unwrap().is_err(), "a waiter for a ticket that never commits is told");
     }
 }

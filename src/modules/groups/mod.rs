@@ -80,6 +80,10 @@ fn register(h: &mut Hooks) {
         }
         to => Some((p, to)),
     });
+    h.account_erased(|stores, _, local| {
+        forget_account(stores, local);
+        Ok(0)
+    });
     h.stanza(Stage::Iq, priority::INTERCEPT, |s, iq, to| match to {
         Some(j) if is_group_domain(&s.srv, &j.domain) => {
             handle_iq(s, &iq, &j);
@@ -168,7 +172,7 @@ fn members_named(s: &Session, el: &Element, group: Option<&Group>) -> Result<Vec
             return Err(StanzaError::ResourceConstraint);
         }
         let known = group.is_some_and(|g| g.member(&local).is_some() || g.invited.contains(&local));
-        if !known && !crate::modules::discovery::charge(&s.srv, &s.local, &local) {
+        if !known && !crate::modules::contacts::charge(&s.srv, &s.local, &local) {
             return Err(StanzaError::ResourceConstraint);
         }
         if !s.srv.router.account_exists(&local) {

@@ -5,6 +5,8 @@
 //! random salt; SCRAM logins verify against them and PLAIN logins derive
 //! them again and compare in constant time.
 
+pub mod service;
+
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha1::Sha1;
