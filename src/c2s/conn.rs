@@ -12,11 +12,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::guard::IpSlot;
 use super::sasl::{Bindings, Exchange, Failure, Step};
@@ -262,7 +263,7 @@ impl Conn {
                     self.ack_wait = None;
                     self.release_acks(self.srv.durable.committed());
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     match &mut self.session {
                         None => self.close("connection-timeout", Some("negotiation took too long".into())),
                         Some(s) => {

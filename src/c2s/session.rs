@@ -7,9 +7,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::modules;
 use crate::protocol::stanza::{StanzaError, error_reply};
@@ -80,6 +80,8 @@ pub struct Session {
     /// the store, and are written after every stored message before them.
     pub backlog: Option<(u64, u64)>,
     pub closing: Option<Closing>,
+    /// When the client last sent anything, on tokio's clock like the
+    /// timers that wait for the ping deadline derived from it.
     pub last_rx: Instant,
     pub ping_counter: u64,
     /// `<r/>` requests waiting for durability: `(h, ticket)`.
