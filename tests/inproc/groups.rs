@@ -114,3 +114,48 @@ async fn offline_members_get_everything_in_order_at_login() {
     ])
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn accounts_that_refuse_direct_adds_are_invited_and_join_by_accepting() {
+    let mut w = World::new(&["alice", "bob", "carol"]).await;
+    w.run(&[
+        online("alice"),
+        online("bob"),
+        online("carol"),
+        send("bob", "<iq type='set' id='p'><privacy xmlns='urn:chatd:privacy:0' groups='nobody'/></iq>"),
+        expect("bob", "<iq type='result' id='p'><privacy xmlns='urn:chatd:privacy:0' groups='nobody'/></iq>"),
+        send("alice", CREATE),
+        // Bob is named in the answer as invited, not made a member.
+        expect_all(
+            "alice",
+            &[
+                "<iq type='result' id='mk'><group xmlns='urn:chatd:groups:0' jid='{$g}'><invited><member jid='{bob}'/></invited></group></iq>",
+                "<message from='{$g}'><x xmlns='urn:chatd:groups:0'><event type='created'/></x></message>",
+            ],
+        ),
+        expect("bob", "<message from='{alice}'><x xmlns='jabber:x:conference' jid='{$g}'/></message>"),
+        silent("bob"),
+        send("alice", "<iq type='get' id='i1' to='{$g}'><info xmlns='urn:chatd:groups:0'/></iq>"),
+        expect("alice", "<iq type='result' id='i1'><info xmlns='urn:chatd:groups:0' _exact=''><member jid='{alice}'/></info></iq>"),
+        // An invitation allows only accepting or declining it.
+        send("bob", "<iq type='get' id='bi' to='{$g}'><info xmlns='urn:chatd:groups:0'/></iq>"),
+        expect("bob", &forbidden("bi")),
+        send("carol", "<iq type='set' id='cj' to='{$g}'><join xmlns='urn:chatd:groups:0'/></iq>"),
+        expect("carol", &forbidden("cj")),
+        send("bob", "<iq type='set' id='bj' to='{$g}'><join xmlns='urn:chatd:groups:0'/></iq>"),
+        expect_all(
+            "bob",
+            &[
+                "<iq type='result' id='bj'><info xmlns='urn:chatd:groups:0' jid='{$g}'><member jid='{bob}' role='member'/></info></iq>",
+                "<message from='{$g}'><x xmlns='urn:chatd:groups:0'><event type='joined' member='{bob}'/></x></message>",
+            ],
+        ),
+        expect("alice", "<message from='{$g}'><x xmlns='urn:chatd:groups:0'><event type='joined' member='{bob}'/></x></message>"),
+        // Now a member: reading works, managing does not.
+        send("bob", "<iq type='get' id='bi2' to='{$g}'><info xmlns='urn:chatd:groups:0'/></iq>"),
+        expect("bob", "<iq type='result' id='bi2'><info xmlns='urn:chatd:groups:0'/></iq>"),
+        send("bob", "<iq type='set' id='bp' to='{$g}'><promote xmlns='urn:chatd:groups:0'><member jid='{bob}'/></promote></iq>"),
+        expect("bob", &forbidden("bp")),
+    ])
+    .await;
+}
