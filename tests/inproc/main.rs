@@ -12,6 +12,7 @@ mod blocking;
 mod carbons;
 mod groups;
 mod matcher;
+mod messages;
 mod presence;
 mod roster;
 mod sm;
