@@ -196,8 +196,9 @@ impl Device {
         } else {
             return false;
         };
+        // A write to a stream the server closed fails; reading says so next.
         if let Some(c) = self.client.as_mut() {
-            c.send(&reply).await;
+            let _ = c.try_send(&reply).await;
         }
         true
     }
@@ -394,8 +395,7 @@ impl World {
             Op::Send(d, xml) => {
                 let xml = self.fill(xml, false)?;
                 let c = self.device(d).client.as_mut().ok_or_else(|| format!("{d} is disconnected"))?;
-                c.send(&xml).await;
-                Ok(())
+                if c.try_send(&xml).await { Ok(()) } else { Err(format!("{d} cannot write: its stream is gone")) }
             }
             Op::Expect(d, patterns) => self.expect(d, patterns).await,
             Op::Silent(d) => {
@@ -481,7 +481,9 @@ impl World {
                 let (account, resource) = split(d);
                 let echo = format!("<presence from='{}/{resource}'/>", bare(account));
                 let c = self.device(d).client.as_mut().ok_or_else(|| format!("{d} is disconnected"))?;
-                c.send("<presence/>").await;
+                if !c.try_send("<presence/>").await {
+                    return Err(format!("{d} cannot write: its stream is gone"));
+                }
                 self.expect(d, &[echo]).await
             }
         }
