@@ -19,12 +19,12 @@ use std::io::Write;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use chatd::protocol::{Element, Frame, Framer, ns};
+use chatd::protocol::{Element, Frame, ns};
+use common::{Client, Read};
 use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
@@ -87,82 +87,23 @@ enum Cut {
     After(u64),
 }
 
-async fn read_frame(sock: &mut TcpStream, framer: &mut Framer, deadline: Instant) -> Option<Frame> {
-    loop {
-        match framer.next_frame() {
-            Ok(Some(f)) => return Some(f),
-            Ok(None) => {}
-            Err(_) => return None,
-        }
-        let mut buf = [0u8; 16384];
-        let left = deadline.checked_duration_since(Instant::now())?;
-        match tokio::time::timeout(left, sock.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => framer.feed(&buf[..n]),
-            _ => return None,
-        }
-    }
-}
-
 /// Negotiates up to a bound (or resumed) session. Returns the server's
 /// `h` when the session was resumed.
-async fn login(
-    sock: &mut TcpStream,
-    framer: &mut Framer,
-    st: &mut ClientState,
-    try_resume: bool,
-) -> Option<Option<u32>> {
-    use base64::Engine;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let hdr = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
-    sock.write_all(hdr.as_bytes()).await.ok()?;
-    // header + features
-    read_frame(sock, framer, deadline).await?;
-    read_frame(sock, framer, deadline).await?;
-    let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0pw{}", local(st.idx), st.idx));
-    sock.write_all(
-        format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>").as_bytes(),
-    )
-    .await
-    .ok()?;
-    match read_frame(sock, framer, deadline).await? {
-        Frame::Stanza(e) if e.local_name() == "success" => {}
-        _ => return None,
-    }
-    framer.reset();
-    sock.write_all(hdr.as_bytes()).await.ok()?;
-    read_frame(sock, framer, deadline).await?;
-    read_frame(sock, framer, deadline).await?;
+async fn login(c: &mut Client, st: &mut ClientState, try_resume: bool) -> Option<Option<u32>> {
+    c.open().await?;
+    c.plain(&local(st.idx), &format!("pw{}", st.idx)).await?;
     if try_resume && let Some(id) = st.sm_id.clone() {
-        sock.write_all(format!("<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='{}'/>", st.inbound).as_bytes())
-            .await
-            .ok()?;
-        match read_frame(sock, framer, deadline).await? {
-            Frame::Stanza(e) if e.local_name() == "resumed" => {
-                let h: u32 = e.attr("h")?.parse().ok()?;
-                return Some(Some(h));
-            }
-            Frame::Stanza(e) if e.local_name() == "failed" => {}
-            _ => return None,
+        let e = c.resume(&id, st.inbound).await?;
+        if e.local_name() == "resumed" {
+            let h: u32 = e.attr("h")?.parse().ok()?;
+            return Some(Some(h));
         }
     }
-    sock.write_all(
-        b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>dev</resource></bind></iq>",
-    )
-    .await
-    .ok()?;
-    match read_frame(sock, framer, deadline).await? {
-        Frame::Stanza(e) if e.attr("type") == Some("result") => {}
-        _ => return None,
-    }
-    sock.write_all(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>").await.ok()?;
-    match read_frame(sock, framer, deadline).await? {
-        Frame::Stanza(e) if e.local_name() == "enabled" => {
-            st.sm_id = e.attr("id").map(str::to_string);
-            st.inbound = 0;
-            st.server_h = 0;
-        }
-        _ => return None,
-    }
+    c.bind(&local(st.idx), "dev").await?;
+    let e = c.enable_sm(true).await?;
+    st.sm_id = e.attr("id").map(str::to_string);
+    st.inbound = 0;
+    st.server_h = 0;
     Some(None)
 }
 
@@ -177,12 +118,11 @@ async fn session(
     try_resume: bool,
     stop_at: Instant,
 ) {
-    let Ok(mut sock) = TcpStream::connect(("127.0.0.1", port)).await else {
+    let Some(mut c) = Client::try_connect(port).await else {
         tokio::time::sleep(Duration::from_millis(50)).await;
         return;
     };
-    let mut framer = Framer::new(1 << 20);
-    let Some(resumed) = login(&mut sock, &mut framer, st, try_resume).await else { return };
+    let Some(resumed) = login(&mut c, st, try_resume).await else { return };
     let mut rng = rand::rngs::StdRng::from_entropy();
     let mut wbuf = String::new();
     if let Some(h) = resumed {
@@ -228,18 +168,18 @@ async fn session(
         if st.next_seq >= st.to_send && !st.unacked.is_empty() && rng.gen_bool(0.2) {
             wbuf.push_str("<r xmlns='urn:xmpp:sm:3'/>");
         }
-        if let Some(c) = cut_at
-            && Instant::now() >= c
+        if let Some(at) = cut_at
+            && Instant::now() >= at
         {
             // Cut: sometimes mid-stanza.
             if rng.gen_bool(0.3) {
                 wbuf.push_str("<message to='1555");
             }
-            let _ = sock.write_all(wbuf.as_bytes()).await;
+            let _ = c.try_send(&wbuf).await;
             return;
         }
         if !wbuf.is_empty() {
-            if sock.write_all(wbuf.as_bytes()).await.is_err() {
+            if !c.try_send(&wbuf).await {
                 return;
             }
             wbuf.clear();
@@ -250,19 +190,10 @@ async fn session(
         // Read whatever arrives within a short slice.
         let slice = Instant::now() + Duration::from_millis(5);
         loop {
-            match framer.next_frame() {
-                Ok(Some(Frame::Stanza(e))) => handle(e, st, ledger, &mut wbuf),
-                Ok(Some(_)) => return,
-                Ok(None) => {
-                    let mut buf = [0u8; 16384];
-                    let left = slice.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, sock.read(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => return,
-                        Ok(Ok(n)) => framer.feed(&buf[..n]),
-                        Err(_) => break,
-                    }
-                }
-                Err(_) => return,
+            match c.read_until(slice).await {
+                Read::Frame(Frame::Stanza(e)) => handle(e, st, ledger, &mut wbuf),
+                Read::Frame(_) | Read::Closed => return,
+                Read::Idle => break,
             }
         }
     }

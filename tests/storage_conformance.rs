@@ -3,9 +3,11 @@
 //! The feature code only sees the storage traits, so an engine is correct
 //! when it is indistinguishable from the others through them. Each case
 //! below is written once and instantiated for the in-memory store and for
-//! fjall (in a fresh directory); a model test then drives both engines with
-//! the same random operation sequence and compares every answer. A new
-//! engine (the cluster's) joins by adding one line to `engines!`.
+//! fjall (in a fresh directory); model tests then drive both engines with
+//! the same random operation sequences (queues; accounts, rosters,
+//! settings and groups) and compare every answer, and a persistent engine
+//! must keep what it made durable across a reopen. A new engine (the
+//! cluster's) joins by adding one line to `engines!`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -75,6 +77,7 @@ engines!(
     roster_items,
     settings_documents,
     groups_and_index,
+    groups_index_follows_every_change,
     every_ticket_becomes_durable,
 );
 
@@ -170,6 +173,9 @@ fn queue_remove_reports_what_existed(e: Engine) {
     let (_, gone) = q.remove("200", &[1]).unwrap();
     assert!(gone.is_empty(), "another account's number");
     assert_eq!(seqs(&q.list("100", 0, u64::MAX, 10, usize::MAX).unwrap()), vec![1]);
+    let (_, gone) = q.remove("100", &[1, 1]).unwrap();
+    assert_eq!(gone.len(), 1, "a number named twice is one message");
+    assert!(q.remove("100", &[]).unwrap().1.is_empty());
 }
 
 fn queue_usage_per_sender(e: Engine) {
@@ -287,8 +293,17 @@ fn settings_documents(e: Engine) {
     s.put_setting("100", "empty", b"").unwrap();
     assert_eq!(s.get_setting("100", "blocklist").unwrap().as_deref(), Some(&b"two"[..]));
     assert_eq!(s.get_setting("100", "empty").unwrap().as_deref(), Some(&b""[..]), "empty is not absent");
+    s.put_setting("100", "blocklistx", b"other").unwrap();
+    s.put_setting("1000", "blocklist", b"another owner").unwrap();
+    assert_eq!(s.get_setting("100", "blocklistx").unwrap().as_deref(), Some(&b"other"[..]), "a longer name is apart");
     s.clear_settings("100").unwrap();
-    assert_eq!(s.get_setting("100", "blocklist").unwrap(), None);
+    assert_eq!(s.get_setting("100", "blocklist").unwrap(), None, "cleared");
+    assert_eq!(
+        s.get_setting("1000", "blocklist").unwrap().as_deref(),
+        Some(&b"another owner"[..]),
+        "an owner whose name the cleared one prefixes keeps its settings"
+    );
+    assert_eq!(s.get_setting("100", "blocklistx").unwrap(), None);
     assert_eq!(s.get_setting("100", "empty").unwrap(), None);
 }
 
@@ -331,6 +346,31 @@ fn groups_and_index(e: Engine) {
     assert_eq!(g.get_group("g1").unwrap(), None);
     assert_eq!(g.groups_of("200").unwrap(), vec!["g2"]);
     assert!(g.groups_of("100").unwrap().is_empty());
+}
+
+/// Membership changes of every kind keep `groups_of` exact: members
+/// joining and leaving in one write, a member in several groups, a group
+/// deleted with members still in it, an id reused after deletion.
+fn groups_index_follows_every_change(e: Engine) {
+    let g = &e.stores.groups;
+    let a = group("ga", &["100", "200"]);
+    let b = group("gb", &["200", "300"]);
+    g.put_group(&a, None).unwrap();
+    g.put_group(&b, None).unwrap();
+    let a2 = group("ga", &["300", "200"]);
+    g.put_group(&a2, Some(&a)).unwrap();
+    assert!(g.groups_of("100").unwrap().is_empty());
+    assert_eq!(g.groups_of("300").unwrap(), vec!["ga", "gb"], "ids in order");
+    let b2 = Group { subject: "renamed".into(), ..b.clone() };
+    g.put_group(&b2, Some(&b)).unwrap();
+    assert_eq!(g.get_group("gb").unwrap().unwrap().subject, "renamed");
+    assert_eq!(g.groups_of("200").unwrap(), vec!["ga", "gb"], "a rewrite with the same members keeps them");
+    g.delete_group(&a2).unwrap();
+    assert_eq!(g.groups_of("300").unwrap(), vec!["gb"]);
+    let again = group("ga", &["100"]);
+    g.put_group(&again, None).unwrap();
+    assert_eq!(g.groups_of("100").unwrap(), vec!["ga"]);
+    assert_eq!(g.groups_of("200").unwrap(), vec!["gb"], "nothing of the deleted group comes back");
 }
 
 fn every_ticket_becomes_durable(e: Engine) {
@@ -442,4 +482,148 @@ fn engines_agree_on_random_operations() {
         );
         assert_eq!(ma.offline.last_seq(local).unwrap(), mb.offline.last_seq(local).unwrap());
     }
+}
+
+/// Both engines get the same random writes to accounts, rosters,
+/// settings and groups (names and contacts that prefix each other, groups
+/// changing membership); every read must agree.
+#[test]
+fn engines_agree_on_accounts_rosters_settings_and_groups() {
+    let (a, b) = (memory("model2"), fjall("model2"));
+    let (ma, mb) = (&a.stores, &b.stores);
+    let names = ["1555", "15551", "155512", "2"];
+    let contacts = ["1@localhost", "1@localhost.x", "12@localhost", "g@groups.localhost"];
+    let settings = ["a", "ab", "b"];
+    let subs = [Subscription::None, Subscription::To, Subscription::From, Subscription::Both];
+    // The current version of each group, so every write names its predecessor.
+    let mut groups: std::collections::BTreeMap<String, Group> = Default::default();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for step in 0..3000 {
+        let local = names[rng.below(names.len() as u64) as usize];
+        let contact = contacts[rng.below(contacts.len() as u64) as usize];
+        match rng.below(12) {
+            0 => {
+                let r = record(rng.below(3) as u32);
+                ma.users.put_user(local, &r).unwrap();
+                mb.users.put_user(local, &r).unwrap();
+            }
+            1 => {
+                ma.users.delete_user(local).unwrap();
+                mb.users.delete_user(local).unwrap();
+            }
+            2 => {
+                let item = RosterItem {
+                    jid: contact.into(),
+                    name: (rng.below(2) == 0).then(|| format!("n{step}")),
+                    subscription: subs[rng.below(4) as usize],
+                    ask: rng.below(2) == 0,
+                    pending_in: rng.below(2) == 0,
+                    approved: rng.below(2) == 0,
+                    groups: (0..rng.below(3)).map(|i| format!("grp{i}")).collect(),
+                    hidden: rng.below(4) == 0,
+                };
+                ma.roster.put_roster_item(local, &item).unwrap();
+                mb.roster.put_roster_item(local, &item).unwrap();
+            }
+            3 => {
+                if rng.below(6) == 0 {
+                    ma.roster.clear_roster(local).unwrap();
+                    mb.roster.clear_roster(local).unwrap();
+                } else {
+                    ma.roster.remove_roster_item(local, contact).unwrap();
+                    mb.roster.remove_roster_item(local, contact).unwrap();
+                }
+            }
+            4 => {
+                let (name, value) = (settings[rng.below(3) as usize], format!("v{step}"));
+                ma.settings.put_setting(local, name, value.as_bytes()).unwrap();
+                mb.settings.put_setting(local, name, value.as_bytes()).unwrap();
+            }
+            5 => {
+                if rng.below(3) == 0 {
+                    ma.settings.clear_settings(local).unwrap();
+                    mb.settings.clear_settings(local).unwrap();
+                }
+            }
+            6 | 7 => {
+                let id = format!("g{}", rng.below(4));
+                let members: Vec<&str> = names.iter().copied().filter(|_| rng.below(2) == 0).collect();
+                let mut g = group(&id, &members);
+                g.subject = format!("s{step}");
+                let prev = groups.get(&id).cloned();
+                ma.groups.put_group(&g, prev.as_ref()).unwrap();
+                mb.groups.put_group(&g, prev.as_ref()).unwrap();
+                groups.insert(id, g);
+            }
+            8 => {
+                let id = format!("g{}", rng.below(4));
+                if let Some(g) = groups.remove(&id) {
+                    ma.groups.delete_group(&g).unwrap();
+                    mb.groups.delete_group(&g).unwrap();
+                }
+            }
+            _ => {
+                assert_eq!(ma.users.get_user(local).unwrap(), mb.users.get_user(local).unwrap(), "step {step}");
+                assert_eq!(ma.users.has_user(local).unwrap(), mb.users.has_user(local).unwrap(), "step {step}");
+                assert_eq!(ma.users.list_users().unwrap(), mb.users.list_users().unwrap(), "step {step}");
+                assert_eq!(ma.roster.roster(local).unwrap(), mb.roster.roster(local).unwrap(), "step {step}");
+                assert_eq!(
+                    ma.roster.roster_item(local, contact).unwrap(),
+                    mb.roster.roster_item(local, contact).unwrap(),
+                    "step {step}"
+                );
+                for n in settings {
+                    assert_eq!(ma.settings.get_setting(local, n).unwrap(), mb.settings.get_setting(local, n).unwrap());
+                }
+                assert_eq!(ma.groups.groups_of(local).unwrap(), mb.groups.groups_of(local).unwrap(), "step {step}");
+                for id in ["g0", "g1", "g2", "g3"] {
+                    assert_eq!(ma.groups.get_group(id).unwrap(), mb.groups.get_group(id).unwrap(), "step {step}");
+                }
+            }
+        }
+    }
+    for local in names {
+        assert_eq!(ma.roster.roster(local).unwrap(), mb.roster.roster(local).unwrap());
+        assert_eq!(ma.groups.groups_of(local).unwrap(), mb.groups.groups_of(local).unwrap());
+        let want: Vec<String> = groups.values().filter(|g| g.member(local).is_some()).map(|g| g.id.clone()).collect();
+        assert_eq!(mb.groups.groups_of(local).unwrap(), want, "the index matches the groups themselves");
+    }
+}
+
+/// What a persistent engine made durable is there after a clean
+/// shutdown and a new open: every store, and the sequence marks of
+/// emptied queues (numbers are never reused across restarts).
+#[test]
+fn fjall_keeps_durable_writes_across_reopen() {
+    let dir = TempDir::new("reopen");
+    let m = msg(5, "a@localhost", "kept");
+    let item =
+        RosterItem { jid: "b@localhost".into(), subscription: Subscription::To, ask: true, ..Default::default() };
+    {
+        let s = Stores::open_fjall(&dir.0).unwrap();
+        s.users.put_user("100", &record(4)).unwrap();
+        s.offline.push(&[("100", 7, &m), ("200", 3, &m)]).unwrap();
+        s.offline.clear("200").unwrap();
+        s.roster.put_roster_item("100", &item).unwrap();
+        s.settings.put_setting("100", "k", b"v").unwrap();
+        s.settings.put_setting("200", "gone", b"x").unwrap();
+        s.settings.clear_settings("200").unwrap();
+        let t = s.groups.put_group(&group("g", &["100", "200"]), None).unwrap();
+        wait(&s, t);
+        s.durability.shutdown();
+    }
+    let s = Stores::open_fjall(&dir.0).unwrap();
+    assert_eq!(s.users.get_user("100").unwrap(), Some(record(4)));
+    assert_eq!(s.offline.list("100", 0, u64::MAX, 10, usize::MAX).unwrap(), vec![(7, m)]);
+    assert_eq!(s.offline.count("200").unwrap(), 0);
+    assert_eq!(s.offline.last_seq("200").unwrap(), 3, "the mark of an emptied queue survives");
+    assert_eq!(s.offline.usage("100").unwrap().of_sender("a@localhost").0, 1);
+    assert_eq!(s.roster.roster("100").unwrap(), vec![item]);
+    assert_eq!(s.settings.get_setting("100", "k").unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(s.settings.get_setting("200", "gone").unwrap(), None);
+    assert_eq!(s.groups.groups_of("200").unwrap(), vec!["g"]);
+    // Tickets of the new process become durable too.
+    let t = s.settings.put_setting("100", "k", b"w").unwrap();
+    wait(&s, t);
+    s.durability.shutdown();
 }

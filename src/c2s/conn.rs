@@ -12,17 +12,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
+use tokio::time::Instant;
 
 use super::guard::IpSlot;
 use super::sasl::{Bindings, Exchange, Failure, Step};
 use super::session::{Session, Takeover};
+use super::transport::{Stream, Transport};
 use crate::modules;
 use crate::protocol::element::ParseLimits;
 use crate::protocol::stanza::{stream_error, stream_header};
@@ -32,50 +32,6 @@ use crate::server::Server;
 use crate::storage::wait_durable;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-    Gone,
-}
-
-impl Io {
-    /// Reads once into the framer's buffer. Cancel-safe. A plaintext
-    /// connection waits for readability without holding any buffer.
-    async fn read_into(&mut self, framer: &mut Framer) -> std::io::Result<usize> {
-        match self {
-            Io::Plain(s) => loop {
-                s.readable().await?;
-                match s.try_read_buf(framer.read_buffer()) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            },
-            Io::Tls(s) => s.read_buf(framer.read_buffer()).await,
-            Io::Gone => Ok(0),
-        }
-    }
-
-    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        match self {
-            Io::Plain(s) => s.write_all(data).await,
-            Io::Tls(s) => {
-                s.write_all(data).await?;
-                s.flush().await
-            }
-            Io::Gone => Ok(()),
-        }
-    }
-
-    async fn shutdown(&mut self) {
-        let _ = match self {
-            Io::Plain(s) => s.shutdown().await,
-            Io::Tls(s) => s.shutdown().await,
-            Io::Gone => Ok(()),
-        };
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Phase {
@@ -89,7 +45,7 @@ enum Phase {
 
 struct Conn {
     srv: Arc<Server>,
-    io: Io,
+    io: Transport,
     framer: Framer,
     peer: SocketAddr,
     phase: Phase,
@@ -122,18 +78,46 @@ struct Conn {
     closing_was_transport: bool,
 }
 
-/// Runs one connection to completion. Never panics on peer input.
+/// Runs one accepted TCP connection to completion; `direct_tls` starts
+/// it with the TLS handshake (XEP-0368). Never panics on peer input.
 pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    serve(srv, Transport::Tcp(sock), peer, direct_tls, false).await;
+}
+
+/// Serves one client connection over any byte stream, exactly as over a
+/// TCP socket: negotiation, the session, resumption, limits. This is how
+/// transports other than the TCP listeners (an in-process pipe such as
+/// [`tokio::io::duplex`], a WebSocket adapter) reach the same session
+/// code.
+///
+/// `peer` is the client's address, which per-address limits and the
+/// login throttle key on. `secure` says the stream is already
+/// confidential (it runs inside TLS terminated elsewhere, or never leaves
+/// the process): STARTTLS is then not offered and SASL, including PLAIN,
+/// is allowed; channel binding (`-PLUS`) is not, as there is no TLS
+/// session here to bind to. With `secure == false` the stream is treated
+/// as plaintext and STARTTLS upgrades it in place.
+///
+/// Returns when the connection has ended; a session that may be resumed
+/// is parked in a task of its own.
+pub async fn serve_stream<S>(srv: Arc<Server>, stream: S, peer: SocketAddr, secure: bool)
+where
+    S: Stream,
+{
+    serve(srv, Transport::Other(Box::new(stream)), peer, false, secure).await;
+}
+
+async fn serve(srv: Arc<Server>, io: Transport, peer: SocketAddr, direct_tls: bool, secure: bool) {
     let l = &srv.cfg.limits;
     let parse_limits = ParseLimits { max_elements: l.max_stanza_elements, max_attributes: l.max_element_attributes };
     let framer = Framer::with_limits(l.max_stanza_bytes_before_bind.min(l.max_stanza_bytes), parse_limits);
     let mut c = Conn {
         srv,
-        io: Io::Plain(sock),
+        io,
         framer,
         peer,
         phase: Phase::Connected,
-        secure: false,
+        secure,
         cb: Bindings::default(),
         sasl: None,
         sasl_failures: 0,
@@ -179,32 +163,18 @@ impl Conn {
             tracing::debug!(peer = %self.peer, "too many TLS handshakes in flight from this address; refused");
             return false;
         };
-        let Io::Plain(sock) = std::mem::replace(&mut self.io, Io::Gone) else { return false };
         let acceptor = tokio_rustls::TlsAcceptor::from(self.srv.tls.clone());
         let hs = Duration::from_secs(self.srv.cfg.limits.handshake_timeout_secs);
-        match tokio::time::timeout(hs, acceptor.accept(sock)).await {
-            Ok(Ok(tls)) => {
-                let (_, conn) = tls.get_ref();
-                let mut exporter = None;
-                if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
-                    let mut buf = vec![0u8; 32];
-                    if conn.export_keying_material(&mut buf[..], b"EXPORTER-Channel-Binding", None).is_ok() {
-                        exporter = Some(buf);
-                    }
-                }
+        match self.io.accept_tls(acceptor, hs).await {
+            Ok(exporter) => {
                 self.cb = self.srv.sasl.bindings(exporter);
-                self.io = Io::Tls(Box::new(tls));
                 self.secure = true;
                 self.framer.reset();
                 self.stream_open = false;
                 true
             }
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
-                false
-            }
-            Err(_) => {
-                tracing::debug!(peer = %self.peer, "TLS handshake timed out");
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, "{e}");
                 false
             }
         }
@@ -293,7 +263,7 @@ impl Conn {
                     self.ack_wait = None;
                     self.release_acks(self.srv.durable.committed());
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     match &mut self.session {
                         None => self.close("connection-timeout", Some("negotiation took too long".into())),
                         Some(s) => {

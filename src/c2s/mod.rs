@@ -12,6 +12,7 @@ pub mod guard;
 pub mod sasl;
 pub mod session;
 pub mod tls;
+pub mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;

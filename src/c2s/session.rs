@@ -7,9 +7,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::hooks::Stage;
 use crate::modules;
@@ -81,6 +81,8 @@ pub struct Session {
     /// the store, and are written after every stored message before them.
     pub backlog: Option<(u64, u64)>,
     pub closing: Option<Closing>,
+    /// When the client last sent anything, on tokio's clock like the
+    /// timers that wait for the ping deadline derived from it.
     pub last_rx: Instant,
     pub ping_counter: u64,
     /// `<r/>` requests waiting for durability: `(h, ticket)`.

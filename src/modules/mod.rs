@@ -24,6 +24,7 @@ pub mod privacy;
 pub mod register;
 pub mod roster;
 pub mod sm;
+pub mod subscription;
 pub mod upload;
 pub mod version;
 

@@ -174,98 +174,51 @@ fn withdraw_presence(srv: &Arc<Server>, from_local: &str, to_local: &str) {
 }
 
 /// The subscription state machine, for a presence of type `typ` sent
-/// by the session's account (the owner) to `contact` (a bare JID).
+/// by the session's account (the owner) to `contact` (a bare JID): the
+/// transitions of both roster items come from [`super::subscription`].
 pub fn subscription(s: &mut Session, typ: &str, contact: &Jid) {
+    use super::subscription::{Kind, inbound, outbound};
+    let Some(kind) = Kind::parse(typ) else { return };
     let srv = s.srv.clone();
     let owner = s.local.clone();
     let owner_bare = s.bare().to_string();
     let cj = contact.to_string();
-    let contact_local = local_of(&srv, contact).map(str::to_string);
-    let contact_exists = contact_local.as_deref().is_some_and(|l| srv.router.account_exists(l));
-    let mut mine = item_of(&srv, &owner, &cj);
-    match typ {
-        "subscribe" => {
-            if !mine.subscription.has_to() {
-                mine.ask = true;
-                mine.hidden = false;
+    let (mine, out) = outbound(&item_of(&srv, &owner, &cj), kind);
+    if out.save {
+        crate::modules::roster::save(&srv, &owner, &mine);
+    }
+    let Some(cl) = local_of(&srv, contact).filter(|l| srv.router.account_exists(l)) else { return };
+    if out.forward {
+        // The contact's side: its item for the owner, delivery, and the
+        // answer its server gives by itself.
+        let (theirs, inb) = inbound(&item_of(&srv, cl, &owner_bare), kind);
+        if inb.save {
+            crate::modules::roster::save(&srv, cl, &theirs);
+        }
+        if inb.forward {
+            to_account(&srv, cl, &presence_from(&owner_bare, &cj, kind.as_str()));
+        }
+        if inb.send_unavailable {
+            withdraw_presence(&srv, cl, &owner);
+        }
+        if inb.auto_subscribed {
+            let (mine, back) = inbound(&mine, Kind::Subscribed);
+            if back.save {
                 crate::modules::roster::save(&srv, &owner, &mine);
             }
-            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
-            let mut theirs = item_of(&srv, &cl, &owner_bare);
-            if theirs.subscription.has_from() || theirs.approved {
-                theirs.subscription = theirs.subscription.with_from(true);
-                theirs.approved = false;
-                theirs.pending_in = false;
-                crate::modules::roster::save(&srv, &cl, &theirs);
-                mine.ask = false;
-                mine.subscription = mine.subscription.with_to(true);
-                crate::modules::roster::save(&srv, &owner, &mine);
+            if back.forward {
                 to_account(&srv, &owner, &presence_from(&cj, &owner_bare, "subscribed"));
-                share_presence(&srv, &cl, &owner);
-            } else {
-                theirs.pending_in = true;
-                crate::modules::roster::save(&srv, &cl, &theirs);
-                to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "subscribe"));
             }
         }
-        "subscribed" => {
-            if mine.subscription.has_from() {
-                return;
-            }
-            if !mine.pending_in {
-                // Pre-approval (RFC 6121 §3.4).
-                mine.approved = true;
-                crate::modules::roster::save(&srv, &owner, &mine);
-                return;
-            }
-            mine.pending_in = false;
-            mine.hidden = false;
-            mine.subscription = mine.subscription.with_from(true);
-            crate::modules::roster::save(&srv, &owner, &mine);
-            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
-            let mut theirs = item_of(&srv, &cl, &owner_bare);
-            if theirs.ask {
-                theirs.ask = false;
-                theirs.hidden = false;
-                theirs.subscription = theirs.subscription.with_to(true);
-                crate::modules::roster::save(&srv, &cl, &theirs);
-            }
-            to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "subscribed"));
-            share_presence(&srv, &owner, &cl);
+        if inb.send_presence {
+            share_presence(&srv, cl, &owner);
         }
-        "unsubscribe" => {
-            if mine.subscription.has_to() || mine.ask {
-                mine.subscription = mine.subscription.with_to(false);
-                mine.ask = false;
-                crate::modules::roster::save(&srv, &owner, &mine);
-            }
-            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
-            let mut theirs = item_of(&srv, &cl, &owner_bare);
-            if theirs.subscription.has_from() || theirs.pending_in {
-                theirs.subscription = theirs.subscription.with_from(false);
-                theirs.pending_in = false;
-                crate::modules::roster::save(&srv, &cl, &theirs);
-                to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "unsubscribe"));
-            }
-            withdraw_presence(&srv, &cl, &owner);
-        }
-        "unsubscribed" => {
-            if mine.subscription.has_from() || mine.pending_in || mine.approved {
-                mine.subscription = mine.subscription.with_from(false);
-                mine.pending_in = false;
-                mine.approved = false;
-                crate::modules::roster::save(&srv, &owner, &mine);
-            }
-            let Some(cl) = contact_local.filter(|_| contact_exists) else { return };
-            let mut theirs = item_of(&srv, &cl, &owner_bare);
-            if theirs.subscription.has_to() || theirs.ask {
-                theirs.subscription = theirs.subscription.with_to(false);
-                theirs.ask = false;
-                crate::modules::roster::save(&srv, &cl, &theirs);
-                to_account(&srv, &cl, &presence_from(&owner_bare, &cj, "unsubscribed"));
-            }
-            withdraw_presence(&srv, &owner, &cl);
-        }
-        _ => {}
+    }
+    // The owner's presence follows the stanza it results from.
+    if out.send_presence {
+        share_presence(&srv, &owner, cl);
+    }
+    if out.send_unavailable {
+        withdraw_presence(&srv, &owner, cl);
     }
 }

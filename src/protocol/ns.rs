@@ -3,6 +3,7 @@
 pub const CLIENT: &str = "jabber:client";
 pub const STREAM: &str = "http://etherx.jabber.org/streams";
 pub const XML: &str = "http://www.w3.org/XML/1998/namespace";
+pub const STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
 pub const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 pub const TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 pub const SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";

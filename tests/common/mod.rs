@@ -1,18 +1,20 @@
 //! Test support: start the real `chatd` binary on port 0 and speak raw
 //! XMPP to it (PLAIN over loopback with `--allow-plaintext`), for the
-//! cases a full client library hides.
+//! cases a full client library hides. The same [`Client`] speaks over any
+//! byte stream, so the in-process tests (`tests/inproc`) use it too.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use chatd::protocol::{Element, Frame, Framer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 pub struct TestServer {
     pub child: Child,
@@ -120,47 +122,93 @@ pub fn spawn(data: &Path, cfg: &Path) -> (Child, u16, u16) {
 
 pub const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
 
+/// How long one negotiation step may take before a login gives up.
+const STEP: Duration = Duration::from_secs(10);
+
+/// A byte stream a test client speaks over: TCP to a spawned server, or
+/// an in-memory duplex into a server running in the test process.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+/// What one read attempt produced.
+#[derive(Debug)]
+pub enum Read {
+    Frame(Frame),
+    /// Nothing arrived before the deadline.
+    Idle,
+    /// The stream ended or broke.
+    Closed,
+}
+
 /// A raw XMPP client.
+///
+/// Deadlines use tokio's clock, so a test that pauses time waits in
+/// virtual time.
 pub struct Client {
-    pub sock: TcpStream,
+    pub sock: Box<dyn Transport>,
     pub framer: Framer,
     pub jid: String,
 }
 
 impl Client {
     pub async fn connect(port: u16) -> Client {
-        let sock = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-        Client { sock, framer: Framer::new(1 << 20), jid: String::new() }
+        Client::try_connect(port).await.expect("connect")
+    }
+
+    pub async fn try_connect(port: u16) -> Option<Client> {
+        let sock = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        Some(Client::over(sock))
+    }
+
+    /// A client on an already connected stream.
+    pub fn over(stream: impl Transport + 'static) -> Client {
+        Client { sock: Box::new(stream), framer: Framer::new(1 << 20), jid: String::new() }
     }
 
     pub async fn send(&mut self, xml: &str) {
-        self.sock.write_all(xml.as_bytes()).await.expect("write");
+        assert!(self.try_send(xml).await, "write failed");
+    }
+
+    /// Writes `xml`; false when the stream is gone.
+    pub async fn try_send(&mut self, xml: &str) -> bool {
+        self.sock.write_all(xml.as_bytes()).await.is_ok() && self.sock.flush().await.is_ok()
+    }
+
+    /// The next frame, unless `deadline` passes or the stream ends first.
+    pub async fn read_until(&mut self, deadline: Instant) -> Read {
+        loop {
+            match self.framer.next_frame() {
+                Ok(Some(f)) => return Read::Frame(f),
+                Ok(None) => {}
+                Err(_) => return Read::Closed,
+            }
+            let mut buf = [0u8; 16384];
+            match tokio::time::timeout_at(deadline, self.sock.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => self.framer.feed(&buf[..n]),
+                Ok(_) => return Read::Closed,
+                Err(_) => return Read::Idle,
+            }
+        }
+    }
+
+    /// Next frame before `deadline`, or None on timeout/close/error.
+    pub async fn next_until(&mut self, deadline: Instant) -> Option<Frame> {
+        match self.read_until(deadline).await {
+            Read::Frame(f) => Some(f),
+            Read::Idle | Read::Closed => None,
+        }
     }
 
     /// Next frame within `secs`, or None on timeout/close/error.
     pub async fn next(&mut self, secs: u64) -> Option<Frame> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            match self.framer.next_frame() {
-                Ok(Some(f)) => return Some(f),
-                Ok(None) => {}
-                Err(_) => return None,
-            }
-            let mut buf = [0u8; 16384];
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.sock.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => self.framer.feed(&buf[..n]),
-                _ => return None,
-            }
-        }
+        self.next_until(Instant::now() + Duration::from_secs(secs)).await
     }
 
     /// Next stanza matching `pred` within `secs` (others are skipped).
     pub async fn expect(&mut self, secs: u64, pred: impl Fn(&Element) -> bool) -> Option<Element> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
-            let left = deadline.checked_duration_since(Instant::now())?.as_secs().max(1);
-            match self.next(left).await? {
+            match self.next_until(deadline).await? {
                 Frame::Stanza(e) if pred(&e) => return Some(e),
                 Frame::Stanza(e) if e.local_name() == "iq" && e.attr("type") == Some("get") => {
                     // Answer server pings so the session stays healthy.
@@ -177,43 +225,102 @@ impl Client {
     pub async fn drain(&mut self, secs: u64) -> Vec<Element> {
         let mut v = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(secs);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.next(left.as_secs().max(1)).await {
-                Some(Frame::Stanza(e)) => v.push(e),
-                Some(_) => {}
-                None => break,
-            }
-            if Instant::now() >= deadline {
-                break;
+        loop {
+            match self.read_until(deadline).await {
+                Read::Frame(Frame::Stanza(e)) => v.push(e),
+                Read::Frame(_) => {}
+                Read::Idle | Read::Closed => return v,
             }
         }
-        v
+    }
+
+    /// Opens the stream (or restarts it after SASL): sends the header and
+    /// returns the server's features.
+    pub async fn open(&mut self) -> Option<Element> {
+        self.framer.reset();
+        if !self.try_send(HEADER).await {
+            return None;
+        }
+        let deadline = Instant::now() + STEP;
+        match self.next_until(deadline).await? {
+            Frame::Header(_) => {}
+            _ => return None,
+        }
+        match self.next_until(deadline).await? {
+            Frame::Stanza(f) if f.local_name() == "features" => Some(f),
+            _ => None,
+        }
+    }
+
+    /// SASL PLAIN; on success the stream is restarted and its features
+    /// returned. None on failure.
+    pub async fn plain(&mut self, local: &str, password: &str) -> Option<Element> {
+        let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{local}\0{password}"));
+        let auth = format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>");
+        if !self.try_send(&auth).await {
+            return None;
+        }
+        match self.next_until(Instant::now() + STEP).await? {
+            Frame::Stanza(e) if e.local_name() == "success" => {}
+            _ => return None,
+        }
+        self.open().await
+    }
+
+    /// Binds `resource`; returns the bound full JID.
+    pub async fn bind(&mut self, local: &str, resource: &str) -> Option<String> {
+        let bind = format!(
+            "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+        );
+        if !self.try_send(&bind).await {
+            return None;
+        }
+        match self.next_until(Instant::now() + STEP).await? {
+            Frame::Stanza(e) if e.attr("id") == Some("bind") && e.attr("type") == Some("result") => {}
+            _ => return None,
+        }
+        self.jid = format!("{local}@localhost/{resource}");
+        Some(self.jid.clone())
+    }
+
+    /// Enables XEP-0198 (with resumption when `resume`); returns the
+    /// `<enabled/>` element.
+    pub async fn enable_sm(&mut self, resume: bool) -> Option<Element> {
+        let enable =
+            if resume { "<enable xmlns='urn:xmpp:sm:3' resume='true'/>" } else { "<enable xmlns='urn:xmpp:sm:3'/>" };
+        if !self.try_send(enable).await {
+            return None;
+        }
+        match self.next_until(Instant::now() + STEP).await? {
+            Frame::Stanza(e) if e.local_name() == "enabled" => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Asks to resume session `previd` having handled `h` stanzas (after
+    /// [`Client::plain`]); returns the `<resumed/>` or `<failed/>` answer.
+    pub async fn resume(&mut self, previd: &str, h: u32) -> Option<Element> {
+        if !self.try_send(&format!("<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='{h}'/>")).await {
+            return None;
+        }
+        match self.next_until(Instant::now() + STEP).await? {
+            Frame::Stanza(e) if matches!(e.local_name(), "resumed" | "failed") => Some(e),
+            _ => None,
+        }
     }
 
     /// Authenticates with PLAIN and binds `resource`; sends initial
     /// presence when `presence` is set.
     pub async fn login(port: u16, local: &str, password: &str, resource: &str, presence: bool) -> Client {
-        let mut c = Client::connect(port).await;
-        c.send(HEADER).await;
-        c.next(5).await.expect("header");
-        c.next(5).await.expect("features");
-        let cred = base64::engine::general_purpose::STANDARD.encode(format!("\0{local}\0{password}"));
-        c.send(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{cred}</auth>")).await;
-        match c.next(5).await {
-            Some(Frame::Stanza(e)) if e.local_name() == "success" => {}
-            other => panic!("auth failed for {local}: {other:?}"),
-        }
-        c.framer.reset();
-        c.send(HEADER).await;
-        c.next(5).await.expect("header");
-        c.next(5).await.expect("features");
-        c.send(&format!(
-            "<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
-        ))
-        .await;
-        let r = c.expect(5, |e| e.attr("id") == Some("bind")).await.expect("bind");
-        assert_eq!(r.attr("type"), Some("result"));
-        c.jid = format!("{local}@localhost/{resource}");
+        Client::login_over(Client::connect(port).await, local, password, resource, presence).await
+    }
+
+    /// [`Client::login`] on a client that is connected but has not opened
+    /// its stream yet.
+    pub async fn login_over(mut c: Client, local: &str, password: &str, resource: &str, presence: bool) -> Client {
+        c.open().await.unwrap_or_else(|| panic!("{local}: no stream features"));
+        c.plain(local, password).await.unwrap_or_else(|| panic!("auth failed for {local}"));
+        c.bind(local, resource).await.unwrap_or_else(|| panic!("{local}: bind failed"));
         if presence {
             c.send("<presence/>").await;
         }
