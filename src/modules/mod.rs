@@ -8,45 +8,25 @@
 
 use crate::hooks::Module;
 
-pub mod blocking;
-pub mod carbons;
-pub mod contacts;
-pub mod csi;
-pub mod disco;
-pub mod groups;
-pub mod iq;
-pub mod message;
-pub mod offline;
-pub mod pep;
-pub mod ping;
-pub mod presence;
-pub mod privacy;
-pub mod register;
-pub mod roster;
-pub mod sm;
-pub mod subscription;
-pub mod upload;
-pub mod version;
+/// Declares the feature modules: each name is a file under `modules/`
+/// exporting `MODULE`, loaded in this order (which is also the order of
+/// their disco features). Adding a feature is one file and one line here.
+macro_rules! modules {
+    ($($m:ident),* $(,)?) => {
+        $(pub mod $m;)*
+        /// Every module the server loads, in registration order.
+        pub const ALL: &[&Module] = &[$(&$m::MODULE),*];
+    };
+}
 
-/// Every module the server loads, in registration order (which is also
-/// the order of their disco features). Adding a feature is one file and
-/// one line here.
-pub const ALL: &[&Module] = &[
-    &iq::MODULE,
-    &disco::MODULE,
-    &ping::MODULE,
-    &version::MODULE,
-    &message::MODULE,
-    &offline::MODULE,
-    &presence::MODULE,
-    &roster::MODULE,
-    &csi::MODULE,
-    &carbons::MODULE,
-    &blocking::MODULE,
-    &privacy::MODULE,
-    &contacts::MODULE,
-    &pep::MODULE,
-    &register::MODULE,
-    &upload::MODULE,
-    &groups::MODULE,
-];
+modules!(
+    iq, disco, ping, version, message, offline, presence, roster, csi, carbons, blocking, privacy, contacts, pep,
+    register, upload, groups,
+);
+
+/// XEP-0198 stream management: part of every stream, driven by the
+/// connection rather than registered (it counts every stanza).
+pub mod sm;
+/// RFC 6121 subscription transitions, as pure functions (used by
+/// `presence`).
+pub mod subscription;

@@ -195,7 +195,7 @@ struct Admission {
 
 /// Sorts named accounts by their "who can add me to groups" setting.
 /// Accounts blocked either way end up in neither list: the admin is told
-/// nothing different (see [`reply_admission`]), and they hear nothing.
+/// nothing different (see [`invited_element`]), and they hear nothing.
 fn admit(srv: &Server, adder: &str, named: &[String], g: &Group) -> Admission {
     use crate::modules::privacy::{blocked_between, may_add_to_group};
     let mut a = Admission::default();
