@@ -119,6 +119,7 @@ async fn backlog_drain_keeps_per_sender_order_with_live_messages() {
     let _a = live.await.expect("sender");
     let nums: Vec<u32> = got.iter().filter_map(|b| b.parse().ok()).collect();
     let out_of_order = nums.windows(2).filter(|w| w[1] < w[0]).count();
+    println!("backlog drain: 2000 stored + 500 live, {} received, {out_of_order} out of order", nums.len());
     assert_eq!(out_of_order, 0, "{out_of_order} messages out of order");
     assert_eq!(nums, (0..2500).collect::<Vec<u32>>(), "every message once, in order");
 }
