@@ -119,6 +119,7 @@ async fn backlog_drain_keeps_per_sender_order_with_live_messages() {
     let _a = live.await.expect("sender");
     let nums: Vec<u32> = got.iter().filter_map(|b| b.parse().ok()).collect();
     let out_of_order = nums.windows(2).filter(|w| w[1] < w[0]).count();
+    println!("backlog drain: 2000 stored + 500 live, {} received, {out_of_order} out of order", nums.len());
     assert_eq!(out_of_order, 0, "{out_of_order} messages out of order");
     assert_eq!(nums, (0..2500).collect::<Vec<u32>>(), "every message once, in order");
 }
@@ -201,6 +202,62 @@ async fn unacked_buffer_is_bounded_in_bytes() {
     assert!(growth_mib < (sent_mib * 2 / 3) as u64, "server grew by {growth_mib} MiB for {sent_mib} MiB sent");
 
     // Nothing was lost: the next login gets every message, in order.
+    let mut b = Client::login(srv.port, B, PW, "b2", false).await;
+    b.send("<enable xmlns='urn:xmpp:sm:3'/><presence/>").await;
+    let got = read_acking(&mut b, N, 120).await;
+    let nums: Vec<usize> = got.iter().filter_map(|b| b.split(' ').next()?.parse().ok()).collect();
+    assert_eq!(nums, (0..N).collect::<Vec<_>>());
+}
+
+/// A client without stream management that stops reading while a lot is
+/// sent to it: its outbound queue is bounded in bytes. Past
+/// `delivery.max_outbound_bytes` the session is closed as a slow consumer
+/// (`policy-violation`), the sender is not held up, and every message is
+/// delivered from the store at the next login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_queue_is_bounded_in_bytes() {
+    const N: usize = 300;
+    // A stanza count far above N, so the byte limit is what closes it.
+    let mut cfg = format!(
+        "{FAST}max_outbound_bytes = 1048576\n[limits]\nsession_queue = 100000\n[offline]\nmax_queue_bytes = 268435456\nsender_share_percent = 100\n"
+    );
+    // Without the limit: OUTBOUND_LIMIT=1073741824 (the stream then stays open).
+    if let Ok(l) = std::env::var("OUTBOUND_LIMIT") {
+        cfg = cfg.replace("max_outbound_bytes = 1048576", &format!("max_outbound_bytes = {l}"));
+    }
+    let srv = TestServer::start("outbound", &cfg, &[(A, PW), (B, PW)]);
+    let mut b = Client::login(srv.port, B, PW, "b", true).await;
+    sync(&mut b, "b-ready").await;
+    // From here B reads nothing until everything is sent.
+    let mut a = Client::login(srv.port, A, PW, "a", false).await;
+    let pad = "x".repeat(100 * 1024);
+    let t = Instant::now();
+    for i in 0..N {
+        a.send(&chat(B, &format!("{i} {pad}"))).await;
+        if i % 50 == 49 {
+            assert!(errors(sync(&mut a, &format!("o{i}")).await).is_empty());
+        }
+    }
+    sync(&mut a, "sent").await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "the sender was held up for {took:?}");
+
+    let mut got = 0usize;
+    let mut closed_with = None;
+    while let Some(f) = b.next(10).await {
+        match f {
+            Frame::Stanza(e) if e.local_name() == "message" => got += 1,
+            Frame::Stanza(e) if e.local_name() == "error" => {
+                closed_with = e.elements().next().map(|c| c.local_name().to_string());
+            }
+            Frame::Close => break,
+            _ => {}
+        }
+    }
+    println!("outbound: {N} messages of 100 KiB to a client that stopped reading: {got} read, then {closed_with:?}");
+    assert_eq!(closed_with.as_deref(), Some("policy-violation"), "closed as a slow consumer");
+    assert!(got < N, "closed before everything was queued for it ({got} read)");
+
     let mut b = Client::login(srv.port, B, PW, "b2", false).await;
     b.send("<enable xmlns='urn:xmpp:sm:3'/><presence/>").await;
     let got = read_acking(&mut b, N, 120).await;

@@ -292,8 +292,9 @@ mod tests {
     }
 
     /// `<a h/>` waits for every write the stanzas it counts caused: a
-    /// roster set, a block and a profile publish each raise the ticket the
-    /// next `<r/>` is answered after, to the store's latest write.
+    /// roster set, a block, a profile publish, a privacy setting and a group
+    /// creation each raise the ticket the next `<r/>` is answered after, to
+    /// the store's latest write.
     #[test]
     fn every_write_of_a_stanza_is_covered_by_its_ack() {
         let dir = std::env::temp_dir().join(format!("chatd-ack-cover-{}", std::process::id()));
@@ -308,6 +309,8 @@ mod tests {
             "<iq type='set' id='r1'><query xmlns='jabber:iq:roster'><item jid='15550000002@localhost' name='B'/></query></iq>",
             "<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='15550000003@localhost'/></block></iq>",
             "<iq type='set' id='p1'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='http://jabber.org/protocol/nick'><item id='current'><nick xmlns='http://jabber.org/protocol/nick'>Al</nick></item></publish></pubsub></iq>",
+            "<iq type='set' id='v1'><privacy xmlns='urn:chatd:privacy:0' visibility='contacts'/></iq>",
+            "<iq type='set' id='g1' to='groups.localhost'><create xmlns='urn:chatd:groups:0' subject='Team'/></iq>",
         ] {
             let before = latest();
             s.handle_stanza(stanza(x));
