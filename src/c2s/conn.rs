@@ -68,7 +68,6 @@ struct Conn {
     closing: Option<(&'static str, Option<String>)>,
     /// Peer closed its stream: reply and stop.
     peer_closed: bool,
-    pending_acks: std::collections::VecDeque<(u32, u64)>,
     live_ping: Option<Instant>,
     /// Fires when the oldest pending `<a/>` may be sent.
     ack_wait: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -129,7 +128,6 @@ async fn serve(srv: Arc<Server>, io: Transport, peer: SocketAddr, direct_tls: bo
         stream_open: false,
         closing: None,
         peer_closed: false,
-        pending_acks: Default::default(),
         live_ping: None,
         ack_wait: None,
         closing_was_transport: false,
@@ -213,11 +211,11 @@ impl Conn {
             let has_rx = self.rx.is_some();
             // Register for the oldest pending <a/>'s ticket, once.
             if self.ack_wait.is_none()
-                && let Some(&(_, t)) = self.pending_acks.front()
+                && let Some(t) = self.session.as_ref().and_then(modules::sm::ack_due)
             {
                 self.ack_wait = self.srv.durable.wait(t);
                 if self.ack_wait.is_none() {
-                    self.release_acks(self.srv.durable.committed());
+                    self.release_acks();
                     continue;
                 }
             }
@@ -260,7 +258,7 @@ impl Conn {
                 }
                 _ = wait_ack(&mut self.ack_wait), if waiting_acks => {
                     self.ack_wait = None;
-                    self.release_acks(self.srv.durable.committed());
+                    self.release_acks();
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     match &mut self.session {
@@ -282,7 +280,7 @@ impl Conn {
                         }
                     }
                 }
-                t = recv_takeover(self.session.as_mut().and_then(|s| s.takeover.as_mut())) => {
+                t = recv_takeover(self.session.as_mut().and_then(|s| s.sm.as_mut()).and_then(|m| m.takeover.as_mut())) => {
                     // The client resumed this session on a new connection
                     // while this one looked alive (half-open).
                     if let (Some(reply), Some(s), Some(rx)) = (t, self.session.take(), self.rx.take()) {
@@ -314,7 +312,7 @@ impl Conn {
             return;
         }
         let unacked_max = s.srv.cfg.delivery.max_unacked_bytes;
-        if s.sm.as_ref().is_some_and(|m| m.unacked_bytes >= unacked_max / 2) {
+        if s.sm.as_ref().is_some_and(|m| m.unacked_bytes() >= unacked_max / 2) {
             return;
         }
         // At most a quarter of the unacked budget per batch (plus one
@@ -342,14 +340,10 @@ impl Conn {
         }
     }
 
-    fn release_acks(&mut self, committed: u64) {
-        let Some(s) = self.session.as_mut() else { return };
-        while let Some(&(h, t)) = self.pending_acks.front() {
-            if t > committed {
-                break;
-            }
-            self.pending_acks.pop_front();
-            s.send_nonza(&format!("<a xmlns='urn:xmpp:sm:3' h='{h}'/>"));
+    /// Writes the `<a h/>` answers the commit watermark now covers.
+    fn release_acks(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            modules::sm::release_acks(s, self.srv.durable.committed());
         }
     }
 
@@ -359,13 +353,9 @@ impl Conn {
             if let Some(c) = s.closing.take() {
                 self.closing.get_or_insert((c.condition, c.text));
             }
-            // SM acks deferred for durability are tracked here.
-            for (h, t) in modules::sm::take_ack_requests(s) {
-                self.pending_acks.push_back((h, t));
+            if modules::sm::ack_due(s).is_some() {
+                modules::sm::release_acks(s, self.srv.durable.committed());
             }
-        }
-        if !self.pending_acks.is_empty() {
-            self.release_acks(self.srv.durable.committed());
         }
         if !self.out.is_empty() {
             let ok = self.write_timed(false).await;
@@ -551,9 +541,7 @@ impl Conn {
             }
             (Phase::Authenticated, "iq", ns::CLIENT) => self.bind(&el),
             (Phase::Authenticated, "resume", ns::SM) => self.resume(&el).await,
-            (Phase::Authenticated, "enable", ns::SM) => {
-                self.out.push_str("<failed xmlns='urn:xmpp:sm:3'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>");
-            }
+            (Phase::Authenticated, "enable", ns::SM) => self.out.push_str(modules::sm::ENABLE_REFUSED),
             (Phase::Connected, "starttls", ns::TLS) => {
                 self.close("policy-violation", Some("TLS already active".into()))
             }
@@ -774,7 +762,7 @@ impl Conn {
         let dropped = !self.peer_closed && self.closing_was_transport;
         if let Some(s) = self.session.take() {
             match self.rx.take() {
-                Some(rx) if dropped && s.resume_id.is_some() && !s.replaced => {
+                Some(rx) if dropped && s.sm.as_ref().is_some_and(modules::sm::Sm::resumable) && !s.replaced => {
                     let timeout = Duration::from_secs(self.srv.cfg.limits.resume_timeout_secs);
                     let limit = self.srv.cfg.limits.session_queue;
                     tokio::spawn(park(s, rx, timeout, limit));
@@ -786,32 +774,21 @@ impl Conn {
 
     /// XEP-0198 §5: resume a parked (or half-open) session.
     async fn resume(&mut self, el: &Element) {
-        const NOT_FOUND: &str =
-            "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>";
-        let previd = el.attr("previd").unwrap_or("").to_string();
-        let Some(h) = el.attr("h").and_then(|h| h.parse::<u32>().ok()) else {
-            self.out.push_str(NOT_FOUND);
-            return;
-        };
-        let takeover =
-            self.srv.resumable.lock().ok().and_then(|t| {
-                t.get(&previd).filter(|r| Some(&r.local) == self.local.as_ref()).map(|r| r.takeover.clone())
-            });
-        let Some(takeover) = takeover else {
-            self.out.push_str(NOT_FOUND);
+        let local = self.local.as_deref().unwrap_or("");
+        let Some(req) = modules::sm::resume_request(&self.srv, local, el) else {
+            self.out.push_str(modules::sm::RESUME_FAILED);
             return;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if takeover.send(tx).await.is_err() {
-            self.out.push_str(NOT_FOUND);
+        if req.takeover.send(tx).await.is_err() {
+            self.out.push_str(modules::sm::RESUME_FAILED);
             return;
         }
         let Ok(Ok((mut s, srx))) = tokio::time::timeout(Duration::from_secs(5), rx).await else {
-            self.out.push_str(NOT_FOUND);
+            self.out.push_str(modules::sm::RESUME_FAILED);
             return;
         };
-        let resend = modules::sm::resume(&mut s, h);
-        let Some(resend) = resend else {
+        let Ok(ticket) = modules::sm::resume(&mut s, &req.previd, req.h) else {
             // h acknowledged more than was sent: a broken client.
             s.end();
             self.close("undefined-condition", Some("handled-count-too-high".into()));
@@ -819,19 +796,10 @@ impl Conn {
         };
         // The h we report must only cover durable stanzas.
         let mut committed = self.srv.stores.durability.committed();
-        let _ = wait_durable(&mut committed, s.max_ticket).await;
-        let inbound = s.sm.as_ref().map(|m| m.inbound).unwrap_or(0);
-        self.out.push_str(&format!(
-            "<resumed xmlns='urn:xmpp:sm:3' previd='{}' h='{inbound}'/>",
-            crate::protocol::element::escape(&previd)
-        ));
-        for (seq, xml) in resend {
-            s.send_xml(xml, seq);
-        }
-        modules::sm::request_acks(&mut s);
+        let _ = wait_durable(&mut committed, ticket).await;
         s.last_rx = Instant::now();
         s.closing = None;
-        tracing::debug!(jid = %s.jid, resent = s.sm.as_ref().map(|m| m.unacked.len()).unwrap_or(0), "session resumed");
+        tracing::debug!(jid = %s.jid, resent = s.sm.as_ref().map(|m| m.unacked_len()).unwrap_or(0), "session resumed");
         self.session = Some(s);
         self.rx = Some(srx);
         self.phase = Phase::Bound;
@@ -847,7 +815,7 @@ impl Conn {
 /// (`delivery.max_unacked_bytes`, enforced by `Session::send_xml`) and in
 /// stanzas (`limits.session_queue`); past either the session ends.
 async fn park(mut s: Session, mut rx: OutboundRx, timeout: Duration, limit: usize) {
-    let Some(mut takeover) = s.takeover.take() else {
+    let Some(mut takeover) = s.sm.as_mut().and_then(|m| m.takeover.take()) else {
         s.end();
         return;
     };
@@ -860,7 +828,7 @@ async fn park(mut s: Session, mut rx: OutboundRx, timeout: Duration, limit: usiz
                 Some(o) => {
                     s.outbound(o);
                     s.out.clear();
-                    let backlog = s.sm.as_ref().map(|m| m.unacked.len()).unwrap_or(0);
+                    let backlog = s.sm.as_ref().map(|m| m.unacked_len()).unwrap_or(0);
                     if s.closing.is_some() || backlog > limit {
                         break;
                     }
@@ -869,13 +837,15 @@ async fn park(mut s: Session, mut rx: OutboundRx, timeout: Duration, limit: usiz
             },
             t = takeover.recv() => match t {
                 Some(reply) => {
-                    s.takeover = Some(takeover);
+                    if let Some(m) = s.sm.as_mut() {
+                        m.takeover = Some(takeover);
+                    }
                     match reply.send((s, rx)) {
                         Ok(()) => return,
                         Err((s2, rx2)) => {
                             s = s2;
                             rx = rx2;
-                            let Some(t) = s.takeover.take() else { break };
+                            let Some(t) = s.sm.as_mut().and_then(|m| m.takeover.take()) else { break };
                             takeover = t;
                         }
                     }
