@@ -9,6 +9,8 @@
 
 pub mod conn;
 pub mod guard;
+pub mod negotiate;
+pub mod park;
 pub mod sasl;
 pub mod session;
 pub mod tls;

@@ -330,6 +330,7 @@ pub fn forget(s: &mut Session) {
 }
 
 /// A `<resume/>` that names a session this account may take over.
+#[derive(Debug)]
 pub struct ResumeRequest {
     pub previd: String,
     /// The client's `h`.
