@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::close::Close;
 use super::guard::IpSlot;
 use super::negotiate::{Action, Bound, Negotiation};
 use super::sasl::Check;
@@ -27,7 +28,6 @@ use super::transport::{Stream, Transport};
 use crate::modules;
 use crate::modules::sm::ResumeRequest;
 use crate::protocol::element::ParseLimits;
-use crate::protocol::stanza::{stream_error, stream_header};
 use crate::protocol::{Element, Frame, Framer, ns};
 use crate::server::Server;
 use crate::session::{Outbound, OutboundRx};
@@ -44,12 +44,7 @@ struct Conn {
     unauthenticated: Option<IpSlot>,
     session: Option<Session>,
     rx: Option<OutboundRx>,
-    closing: Option<(&'static str, Option<String>)>,
-    /// Peer closed its stream: reply and stop.
-    peer_closed: bool,
-    /// The connection ended because the transport failed (EOF, reset,
-    /// write error) rather than by a stream error or clean close.
-    closing_was_transport: bool,
+    state: Close,
     live_ping: Option<Instant>,
     /// Fires when the oldest pending `<a/>` may be sent.
     ack_wait: Option<oneshot::Receiver<()>>,
@@ -99,9 +94,7 @@ async fn serve(srv: Arc<Server>, io: Transport, peer: SocketAddr, direct_tls: bo
         unauthenticated,
         session: None,
         rx: None,
-        closing: None,
-        peer_closed: false,
-        closing_was_transport: false,
+        state: Close::Open,
         live_ping: None,
         ack_wait: None,
     };
@@ -122,9 +115,7 @@ async fn serve(srv: Arc<Server>, io: Transport, peer: SocketAddr, direct_tls: bo
 
 impl Conn {
     fn close(&mut self, condition: &'static str, text: Option<String>) {
-        if self.closing.is_none() {
-            self.closing = Some((condition, text));
-        }
+        self.state.error(condition, text);
     }
 
     async fn upgrade_tls(&mut self) -> bool {
@@ -155,12 +146,14 @@ impl Conn {
         let mut shutdown = self.srv.shutdown.subscribe();
         loop {
             // Read the offline backlog in bounded batches between writes.
-            self.pump_backlog();
+            if let Some(s) = self.session.as_mut() {
+                super::backlog::pump(s);
+            }
             if !self.flush().await {
-                self.closing_was_transport = true;
+                self.state.transport_failed();
                 return;
             }
-            if self.closing.is_some() || self.peer_closed {
+            if !self.state.is_open() {
                 return;
             }
             let deadline = match (&self.session, self.live_ping) {
@@ -184,7 +177,7 @@ impl Conn {
             tokio::select! {
                 r = self.io.read_into(&mut self.framer) => match r {
                     Ok(0) | Err(_) => {
-                        self.closing_was_transport = true;
+                        self.state.transport_failed();
                         return;
                     }
                     Ok(_) => {
@@ -229,7 +222,7 @@ impl Conn {
         };
         if self.live_ping.is_some() {
             // A dead peer: its session may still be resumed.
-            self.closing_was_transport = true;
+            self.state.transport_failed();
             return self.close("connection-timeout", Some("no answer to ping".into()));
         }
         s.ping_counter += 1;
@@ -241,37 +234,6 @@ impl Conn {
             .with_child(Element::new("ping", ns::PING));
         s.send(&ping);
         self.live_ping = Some(Instant::now());
-    }
-
-    /// Writes the next batch of the offline backlog. Stored messages that
-    /// arrive live meanwhile only extend the backlog (see
-    /// [`Session::outbound`]), so each is written after every stored
-    /// message before it. With XEP-0198 the backlog waits while half of
-    /// `delivery.max_unacked_bytes` is unacknowledged: a client that acks
-    /// as it reads drains any backlog; one that does not holds bounded
-    /// memory.
-    fn pump_backlog(&mut self) {
-        let Some(s) = self.session.as_mut() else { return };
-        let Some((after, upto)) = s.backlog else { return };
-        const OUT_BUDGET: usize = 256 * 1024;
-        if s.out.len() > OUT_BUDGET {
-            return;
-        }
-        let unacked_max = s.srv.cfg.delivery.max_unacked_bytes;
-        if s.sm.as_ref().is_some_and(|m| m.unacked_bytes() >= unacked_max / 2) {
-            return;
-        }
-        // At most a quarter of the unacked budget per batch (plus one
-        // stanza): waiting at half of it, a batch cannot overrun it.
-        let batch = s.srv.router.pending(&s.local, after, upto, 200, OUT_BUDGET.min(unacked_max / 4));
-        match batch.last() {
-            Some((last, _)) => s.backlog = Some((*last, upto)),
-            None => s.backlog = None,
-        }
-        for (seq, xml) in batch {
-            s.send_xml(xml, Some(seq));
-        }
-        modules::sm::request_acks(s);
     }
 
     /// Applies an item from the router and whatever else is already
@@ -303,7 +265,7 @@ impl Conn {
         let limit = Duration::from_secs(self.srv.cfg.limits.ping_timeout_secs.max(1));
         if let Some(s) = self.session.as_mut() {
             if let Some(c) = s.closing.take() {
-                self.closing.get_or_insert((c.condition, c.text));
+                self.state.error(c.condition, c.text);
             }
             if modules::sm::ack_due(s).is_some() {
                 modules::sm::release_acks(s, self.srv.durable.committed());
@@ -345,7 +307,7 @@ impl Conn {
                     self.act(a).await?;
                 }
                 Frame::Close => {
-                    self.peer_closed = true;
+                    self.state.peer_closed();
                     return Ok(());
                 }
                 Frame::Stanza(el) => match self.session.as_mut() {
@@ -357,7 +319,7 @@ impl Conn {
                     }
                 },
             }
-            if self.closing.is_some() || self.session.as_ref().is_some_and(|s| s.closing.is_some()) {
+            if !self.state.is_open() || self.session.as_ref().is_some_and(|s| s.closing.is_some()) {
                 return Ok(());
             }
         }
@@ -374,11 +336,13 @@ impl Conn {
             Action::Close(condition, text) => self.close(condition, text),
             Action::StartTls => {
                 if !self.flush().await || !self.upgrade_tls().await {
+                    self.state.transport_failed();
                     return Err(());
                 }
             }
             Action::Abort => {
                 let _ = self.flush().await;
+                self.state.transport_failed();
                 return Err(());
             }
             Action::Authenticated => {
@@ -420,12 +384,7 @@ impl Conn {
     /// XEP-0198 §5: takes over the parked (or half-open) session the
     /// client names and resumes it here.
     async fn resume(&mut self, req: ResumeRequest) {
-        let (tx, rx) = oneshot::channel();
-        let handed = match req.takeover.send(tx).await {
-            Ok(()) => tokio::time::timeout(Duration::from_secs(5), rx).await.ok().and_then(Result::ok),
-            Err(_) => None,
-        };
-        let Some((mut s, srx)) = handed else {
+        let Some((mut s, srx)) = super::resume::take_over(&req).await else {
             self.neg.out.push_str(modules::sm::RESUME_FAILED);
             return;
         };
@@ -454,32 +413,21 @@ impl Conn {
         if let Some(s) = self.session.as_mut()
             && let Some(c) = s.closing.take()
         {
-            self.closing.get_or_insert((c.condition, c.text));
+            self.state.error(c.condition, c.text);
         }
-        let tail = match self.closing.take() {
-            Some((cond, text)) => {
-                let mut t = String::new();
-                if !self.neg.stream_open() {
-                    t.push_str(&stream_header(self.srv.domain(), "0", None));
-                }
-                t.push_str(&stream_error(cond, text.as_deref()));
-                Some(t)
-            }
-            None if self.peer_closed => Some("</stream:stream>".to_string()),
-            None => None,
-        };
+        let tail = self.state.tail(self.srv.domain(), self.neg.stream_open());
         if let Some(t) = tail {
             let _ = self.flush().await;
             let _ = tokio::time::timeout(Duration::from_secs(2), self.io.write_all(t.as_bytes())).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
         }
-        let dropped = !self.peer_closed && self.closing_was_transport;
+        let dropped = self.state.parks();
         if let Some(s) = self.session.take() {
             match self.rx.take() {
                 Some(rx) if dropped && s.sm.as_ref().is_some_and(modules::sm::Sm::resumable) && !s.replaced => {
                     let timeout = Duration::from_secs(self.srv.cfg.limits.resume_timeout_secs);
                     let limit = self.srv.cfg.limits.session_queue;
-                    tokio::spawn(super::park::park(s, rx, timeout, limit));
+                    tokio::spawn(super::resume::park(s, rx, timeout, limit));
                 }
                 _ => s.end(),
             }

@@ -1,10 +1,23 @@
-//! Parking: a session whose transport failed waits here, without a
-//! connection, for a client to resume it (XEP-0198 §5).
+//! Handing sessions over for resumption (XEP-0198 §5). A session that
+//! enabled resumption is held by its connection while that lives, then by
+//! a parking task for the resumption window; a new connection of the same
+//! account asks whichever holds it to hand it over.
 
 use std::time::Duration;
 
-use super::session::Session;
+use tokio::sync::oneshot;
+
+use super::session::{Handover, Session};
+use crate::modules::sm::ResumeRequest;
 use crate::session::OutboundRx;
+
+/// Asks the holder of the session `req` names to hand it over. `None`
+/// when the session is gone or its holder does not answer in time.
+pub async fn take_over(req: &ResumeRequest) -> Option<Handover> {
+    let (tx, rx) = oneshot::channel();
+    req.takeover.send(tx).await.ok()?;
+    tokio::time::timeout(Duration::from_secs(5), rx).await.ok()?.ok()
+}
 
 /// Holds a session whose connection dropped, for the resumption window.
 /// Stanzas routed to it meanwhile join its unacknowledged queue and are
