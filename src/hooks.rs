@@ -22,8 +22,8 @@
 //!   (each module erases what it stored, so nothing of the account
 //!   survives for whoever holds the number next).
 //!
-//! And what the server advertises: disco features and extensions of the
-//! server's disco#info.
+//! And what the server advertises: stream features by negotiation phase,
+//! disco features and extensions of the server's disco#info.
 //!
 //! Handlers are plain `fn` pointers: hooks are registered once at start
 //! and never change, so dispatch is a scan of a short slice with no
@@ -128,6 +128,18 @@ pub type SessionHook = fn(&mut Session);
 pub type AccountErased =
     fn(&crate::storage::Stores, Option<&crate::server::Server>, &str) -> crate::storage::Result<crate::storage::Ticket>;
 
+/// When a stream feature is offered (RFC 6120 §4.3.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeaturePhase {
+    /// With the SASL mechanisms, before authentication.
+    BeforeAuth,
+    /// With resource binding, after authentication.
+    AfterAuth,
+}
+
+/// A stream feature a module offers, or `None` when it is off.
+pub type StreamFeature = fn(&crate::server::Server) -> Option<Element>;
+
 /// Adds to the server's disco#info answer (e.g. a XEP-0128 form).
 pub type DiscoExtension = fn(&Session, &mut Element);
 
@@ -151,6 +163,7 @@ pub struct Hooks {
     disco_features: Vec<&'static str>,
     account_disco_features: Vec<&'static str>,
     disco_extensions: Vec<DiscoExtension>,
+    features: Vec<(FeaturePhase, StreamFeature)>,
     modules: Vec<(&'static str, &'static [&'static str])>,
 }
 
@@ -200,6 +213,16 @@ impl Hooks {
 
     pub fn account_erased(&mut self, f: AccountErased) {
         self.erased.push(f);
+    }
+
+    /// A stream feature offered in `phase`.
+    pub fn stream_feature(&mut self, phase: FeaturePhase, f: StreamFeature) {
+        self.features.push((phase, f));
+    }
+
+    /// The stream features modules offer in `phase`, in registration order.
+    pub fn stream_features(&self, phase: FeaturePhase, srv: &crate::server::Server) -> Vec<Element> {
+        self.features.iter().filter(|(p, _)| *p == phase).filter_map(|(_, f)| f(srv)).collect()
     }
 
     /// A feature the server advertises in disco#info.

@@ -7,8 +7,12 @@
 //! sockets are open and further clients wait in the kernel backlog
 //! instead of exhausting file descriptors.
 
+pub mod backlog;
+pub mod close;
 pub mod conn;
 pub mod guard;
+pub mod negotiate;
+pub mod resume;
 pub mod sasl;
 pub mod session;
 pub mod tls;

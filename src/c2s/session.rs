@@ -5,7 +5,6 @@
 //! `out`, and the connection task writes it. Feature modules receive
 //! `&mut Session` and reach other accounts only through the router.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -13,29 +12,12 @@ use tokio::time::Instant;
 
 use crate::hooks::Stage;
 use crate::modules;
+use crate::modules::sm::Sm;
 use crate::protocol::stanza::{StanzaError, error_reply};
 use crate::protocol::{Element, Jid, ns};
 use crate::router::{CloseReason, Outbound, OutboundRx};
 use crate::server::Server;
 use crate::storage::Ticket;
-
-/// XEP-0198 state of one stream.
-#[derive(Debug, Default)]
-pub struct SmState {
-    /// Stanzas received from the client (the `h` we report).
-    pub inbound: u32,
-    /// Stanzas sent to the client.
-    pub outbound: u32,
-    /// Last `h` the client acknowledged.
-    pub acked: u32,
-    /// Sent and not yet acknowledged, oldest first: the offline sequence
-    /// number (for stored messages) and the bytes.
-    pub unacked: VecDeque<(Option<u64>, Arc<str>)>,
-    /// Bytes held in `unacked`; bounded by `delivery.max_unacked_bytes`.
-    pub unacked_bytes: usize,
-    /// An `<r/>` is outstanding.
-    pub requested: bool,
-}
 
 /// A parked or live session handed to a resuming connection: the
 /// session state and its inbound channel.
@@ -65,7 +47,8 @@ pub struct Session {
     /// Full JID.
     pub jid: Jid,
     pub out: String,
-    pub sm: Option<SmState>,
+    /// XEP-0198 state, once the client enabled it.
+    pub sm: Option<Sm>,
     /// Stored messages written to a client without stream management,
     /// awaiting the answer to `ack_ping`.
     pub unconfirmed: Vec<u64>,
@@ -85,12 +68,6 @@ pub struct Session {
     /// timers that wait for the ping deadline derived from it.
     pub last_rx: Instant,
     pub ping_counter: u64,
-    /// `<r/>` requests waiting for durability: `(h, ticket)`.
-    pub ack_requests: Vec<(u32, Ticket)>,
-    /// Resumption id when the client enabled resumption.
-    pub resume_id: Option<String>,
-    /// Takeover requests from a resuming connection.
-    pub takeover: Option<mpsc::Receiver<Takeover>>,
     /// A newer session bound the same resource: this one ends without
     /// broadcasting unavailable presence for the resource.
     pub replaced: bool,
@@ -119,9 +96,6 @@ impl Session {
             closing: None,
             last_rx: Instant::now(),
             ping_counter: 0,
-            ack_requests: Vec::new(),
-            resume_id: None,
-            takeover: None,
             replaced: false,
             ext: Default::default(),
             max_seq_sent: 0,
@@ -150,11 +124,7 @@ impl Session {
         }
         match self.sm.as_mut() {
             Some(sm) => {
-                sm.outbound = sm.outbound.wrapping_add(1);
-                sm.unacked_bytes += xml.len();
-                sm.unacked.push_back((seq, xml));
-                if sm.unacked_bytes > self.srv.cfg.delivery.max_unacked_bytes {
-                    let n = sm.unacked_bytes;
+                if let Err(n) = sm.sent(seq, xml) {
                     self.close("policy-violation", Some(format!("{n} bytes sent and not acknowledged")));
                 }
             }
@@ -222,11 +192,7 @@ impl Session {
             srv.hooks.run_session_ended(&mut self);
         }
         self.srv.router.unbind(&self.local, self.id);
-        if let Some(id) = self.resume_id.take()
-            && let Ok(mut t) = self.srv.resumable.lock()
-        {
-            t.remove(&id);
-        }
+        modules::sm::forget(&mut self);
     }
 
     pub fn close(&mut self, condition: &'static str, text: Option<String>) {
@@ -243,13 +209,9 @@ impl Session {
     }
 
     fn dispatch(&mut self, mut el: Element) {
-        if el.ns == ns::SM {
-            modules::sm::handle_nonza(self, &el);
-            return;
-        }
         if el.ns == ns::CLIENT && matches!(el.local_name(), "message" | "presence" | "iq") {
             if let Some(sm) = self.sm.as_mut() {
-                sm.inbound = sm.inbound.wrapping_add(1);
+                sm.received();
             }
             // The server stamps `from`: a forged one is replaced.
             el.set_attr("from", self.jid.to_string());
@@ -303,7 +265,7 @@ mod tests {
         stores.users.put_user("15550000001", &crate::accounts::make_record("pw", 4096, 0)).unwrap();
         let srv = Server::new(cfg, stores.clone()).unwrap();
         let mut s = Session::new(srv, 1, Jid::parse("15550000001@localhost/r").unwrap());
-        s.sm = Some(SmState::default());
+        s.sm = Some(Sm::new(1 << 20));
         let latest = || *stores.durability.committed().borrow();
         for x in [
             "<iq type='set' id='r1'><query xmlns='jabber:iq:roster'><item jid='15550000002@localhost' name='B'/></query></iq>",
@@ -317,7 +279,8 @@ mod tests {
             assert!(latest() > before, "{x} wrote nothing");
             assert_eq!(s.max_ticket, latest(), "{x}: its write is not covered by the next <a h/>");
             crate::modules::sm::handle_nonza(&mut s, &stanza("<r xmlns='urn:xmpp:sm:3'/>"));
-            assert_eq!(s.ack_requests.last().map(|r| r.1), Some(latest()));
+            assert_eq!(crate::modules::sm::ack_due(&s), Some(latest()));
+            crate::modules::sm::release_acks(&mut s, latest());
         }
         assert!(stores.roster.roster_item("15550000001", "15550000002@localhost").unwrap().is_some());
         let _ = std::fs::remove_dir_all(&dir);

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::c2s::session::Session;
-use crate::hooks::{Hooks, Module};
+use crate::hooks::{FeaturePhase, Hooks, Module};
 use crate::protocol::Element;
 
 pub const NS: &str = "urn:xmpp:csi:0";
@@ -16,6 +16,7 @@ pub const MODULE: Module = Module { name: "csi", specs: &["XEP-0352"], register 
 
 fn register(h: &mut Hooks) {
     h.disco_feature(NS);
+    h.stream_feature(FeaturePhase::AfterAuth, |_| Some(Element::new("csi", NS)));
     h.nonza(NS, handle);
     h.outgoing(|s, xml| if hold(s, &xml) { None } else { Some(xml) });
 }

@@ -5,7 +5,7 @@
 //! gets `service-unavailable`.
 
 use crate::c2s::session::Session;
-use crate::hooks::{Hooks, IqRequest, IqTarget, IqType, Module, Stage, priority};
+use crate::hooks::{FeaturePhase, Hooks, IqRequest, IqTarget, IqType, Module, Stage, priority};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};
 
@@ -27,7 +27,12 @@ fn register(h: &mut Hooks) {
         handle(s, iq, to);
         None
     });
-    h.iq_server(&[IqType::Set], ns::SESSION, "session", |s, r| {
+    // RFC 3921 sessions are a no-op kept for old clients: offered as
+    // optional (RFC 6121 Appendix E), answered with a result.
+    h.stream_feature(FeaturePhase::AfterAuth, |_| {
+        Some(Element::new("session", ns::SESSION).with_child(Element::stanza("optional")))
+    });
+    h.iq_server(crate::hooks::GET_SET, ns::SESSION, "session", |s, r| {
         let mut res = iq_result(r.iq);
         res.set_attr("to", s.jid.to_string());
         s.send(&res);

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use crate::accounts::service::Request;
 use crate::c2s::session::Session;
-use crate::hooks::{GET_SET, Hooks, Module};
+use crate::hooks::{FeaturePhase, GET_SET, Hooks, Module};
 use crate::protocol::element::escape;
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};
 use crate::protocol::{Element, phone};
@@ -21,6 +21,9 @@ pub const FEATURE: &str = "http://jabber.org/features/iq-register";
 pub const MODULE: Module = Module { name: "register", specs: &["XEP-0077"], register };
 
 fn register(h: &mut Hooks) {
+    h.stream_feature(FeaturePhase::BeforeAuth, |srv| {
+        srv.cfg.registration.in_band.then(|| Element::new("register", FEATURE))
+    });
     h.iq_server(GET_SET, NS, "query", |s, r| post_auth(s, r.iq, r.payload));
 }
 
