@@ -33,8 +33,8 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::c2s::session::Session;
 use crate::protocol::{Element, Jid};
+use crate::session::Session;
 
 /// A feature module: what it implements and how it hooks in.
 pub struct Module {

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`protocol`]: pure XML framing, stanzas, JIDs, phone numbers (no IO).
-//! - [`c2s`]: client connections: negotiation, TLS, SASL, the session loop.
+//! - [`c2s`]: client connections: transports, negotiation, SASL, login
+//!   guards, the connection loop. Nothing below it depends on it.
+//! - [`session`]: a bound session, the context every module handler gets.
 //! - [`router`]: where a stanza goes (live session, offline queue); the
 //!   only way to other sessions, and the seam for a multi-node backend.
 //! - [`hooks`]: the module registry: stanza stages, iq handlers, nonzas,
@@ -27,4 +29,6 @@ pub mod modules;
 pub mod protocol;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod storage;
+pub mod tls;

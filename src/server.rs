@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::broadcast;
 
-use crate::c2s::sasl::Sasl;
 use crate::config::{Config, parse_addr};
 use crate::router::CloseReason;
 use crate::router::{LocalRouter, Router};
@@ -25,15 +24,15 @@ pub struct Server {
     pub router: Arc<dyn Router>,
     /// Handlers of every loaded module.
     pub hooks: crate::hooks::Hooks,
-    pub sasl: Sasl,
-    /// Per-address caps, login throttle and the password-hashing pool.
-    pub guards: crate::c2s::guard::Guards,
+    /// The TLS configuration every listener uses (c2s and HTTPS).
     pub tls: Arc<rustls::ServerConfig>,
-    pub connections: Arc<Semaphore>,
+    /// `tls-server-end-point` channel binding of the certificate (RFC
+    /// 5929), when its hash is known.
+    pub tls_end_point: Option<Vec<u8>>,
     next_id: AtomicU64,
     pub shutdown: broadcast::Sender<()>,
     /// Sessions that enabled XEP-0198 resumption, by resumption id.
-    pub resumable: std::sync::Mutex<std::collections::HashMap<String, crate::c2s::session::Resumable>>,
+    pub resumable: std::sync::Mutex<std::collections::HashMap<String, crate::session::Resumable>>,
     /// XEP-0363 slot issuer, set once the HTTP side is up (see
     /// [`crate::http::start`]); unset when this node offers no uploads.
     pub media: std::sync::OnceLock<Arc<crate::media::slot::Issuer>>,
@@ -63,20 +62,14 @@ impl Server {
             stores.users.clone(),
             crate::router::Limits::from_config(&cfg),
         ));
-        let (tls, end_point) = crate::c2s::tls::server_config(&cfg)?;
-        let secret = crate::c2s::sasl::load_secret(&cfg.data_dir)?;
-        let sasl = Sasl::new(stores.users.clone(), &cfg.domain, secret, cfg.auth.scram_iterations, end_point);
-        let guards = crate::c2s::guard::Guards::new(&cfg.auth);
-        let connections = Arc::new(Semaphore::new(cfg.limits.max_connections));
+        let (tls, tls_end_point) = crate::tls::server_config(&cfg)?;
         let srv = Arc::new(Server {
             cfg,
             stores,
             router,
             hooks: crate::hooks::Hooks::build(crate::modules::ALL),
-            sasl,
-            guards,
             tls,
-            connections,
+            tls_end_point,
             next_id: AtomicU64::new(1),
             shutdown: broadcast::channel(1).0,
             resumable: Default::default(),
@@ -217,7 +210,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         l
     });
     if starttls.is_some() || direct.is_some() {
-        tasks.push(tokio::spawn(crate::c2s::accept_loop(srv.clone(), starttls, direct)));
+        let c2s = crate::c2s::C2s::new(srv.clone())?;
+        tasks.push(tokio::spawn(crate::c2s::accept_loop(c2s, starttls, direct)));
     }
     tasks.push(tokio::spawn(crate::modules::offline::reaper(srv.clone())));
     tasks.push(admin);
@@ -245,7 +239,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
 /// store.
 async fn serve_media(cfg: Config) -> anyhow::Result<()> {
     secure_data_dir(&cfg.data_dir)?;
-    let (tls, _) = crate::c2s::tls::server_config(&cfg)?;
+    let (tls, _) = crate::tls::server_config(&cfg)?;
     let tasks = crate::http::start(&cfg, &tls, None, Vec::new()).await?;
     {
         use std::io::Write;

@@ -1,8 +1,8 @@
 //! The offline backlog of a session coming online: read from the store in
 //! bounded batches between the connection's writes (delivery rule 6).
 
-use super::session::Session;
 use crate::modules;
+use crate::session::Session;
 
 /// Writes the next batch of the offline backlog. Stored messages that
 /// arrive live meanwhile only extend the backlog (see

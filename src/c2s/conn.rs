@@ -20,11 +20,11 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::C2s;
 use super::close::Close;
 use super::guard::IpSlot;
 use super::negotiate::{Action, Bound, Negotiation};
 use super::sasl::Check;
-use super::session::Session;
 use super::transport::{Stream, Transport};
 use crate::modules;
 use crate::modules::sm::ResumeRequest;
@@ -32,9 +32,11 @@ use crate::protocol::element::ParseLimits;
 use crate::protocol::{Element, Frame, Framer, ns};
 use crate::router::{Outbound, OutboundRx};
 use crate::server::Server;
+use crate::session::Session;
 
 struct Conn {
     srv: Arc<Server>,
+    c2s: Arc<C2s>,
     io: Transport,
     framer: Framer,
     peer: SocketAddr,
@@ -52,8 +54,8 @@ struct Conn {
 
 /// Runs one accepted TCP connection to completion; `direct_tls` starts
 /// it with the TLS handshake (XEP-0368). Never panics on peer input.
-pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls: bool) {
-    serve(srv, Transport::Tcp(sock), peer, direct_tls, false).await;
+pub async fn run(c2s: Arc<C2s>, sock: TcpStream, peer: SocketAddr, direct_tls: bool) {
+    serve(c2s, Transport::Tcp(sock), peer, direct_tls, false).await;
 }
 
 /// Serves one client connection over any byte stream, exactly as over a
@@ -72,21 +74,23 @@ pub async fn run(srv: Arc<Server>, sock: TcpStream, peer: SocketAddr, direct_tls
 ///
 /// Returns when the connection has ended; a session that may be resumed
 /// is parked in a task of its own.
-pub async fn serve_stream<S>(srv: Arc<Server>, stream: S, peer: SocketAddr, secure: bool)
+pub async fn serve_stream<S>(c2s: Arc<C2s>, stream: S, peer: SocketAddr, secure: bool)
 where
     S: Stream,
 {
-    serve(srv, Transport::Other(Box::new(stream)), peer, false, secure).await;
+    serve(c2s, Transport::Other(Box::new(stream)), peer, false, secure).await;
 }
 
-async fn serve(srv: Arc<Server>, io: Transport, peer: SocketAddr, direct_tls: bool, secure: bool) {
+async fn serve(c2s: Arc<C2s>, io: Transport, peer: SocketAddr, direct_tls: bool, secure: bool) {
+    let srv = c2s.srv.clone();
     let l = &srv.cfg.limits;
     let parse_limits = ParseLimits { max_elements: l.max_stanza_elements, max_attributes: l.max_element_attributes };
     let framer = Framer::with_limits(l.max_stanza_bytes_before_bind.min(l.max_stanza_bytes), parse_limits);
-    let unauthenticated = srv.guards.unauthenticated.acquire(peer.ip());
-    let neg = Negotiation::new(srv.clone(), peer, secure);
+    let unauthenticated = c2s.guards.unauthenticated.acquire(peer.ip());
+    let neg = Negotiation::new(c2s.clone(), peer, secure);
     let mut c = Conn {
         srv,
+        c2s,
         io,
         framer,
         peer,
@@ -119,7 +123,7 @@ impl Conn {
     }
 
     async fn upgrade_tls(&mut self) -> bool {
-        let Some(_handshake) = self.srv.guards.handshakes.acquire(self.peer.ip()) else {
+        let Some(_handshake) = self.c2s.guards.handshakes.acquire(self.peer.ip()) else {
             tracing::debug!(peer = %self.peer, "too many TLS handshakes in flight from this address; refused");
             return false;
         };
@@ -374,7 +378,7 @@ impl Conn {
         }
         let result = if check.is_costly() {
             let c = check.clone();
-            self.srv.guards.hash(move || c.run()).await
+            self.c2s.guards.hash(move || c.run()).await
         } else {
             Some(check.run())
         };

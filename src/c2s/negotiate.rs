@@ -17,7 +17,6 @@ use std::time::Duration;
 use base64::Engine;
 
 use super::sasl::{Bindings, Check, Exchange, Failure, Step};
-use super::session::Session;
 use crate::hooks::FeaturePhase;
 use crate::modules;
 use crate::modules::sm::ResumeRequest;
@@ -26,6 +25,7 @@ use crate::protocol::stanza::stream_header;
 use crate::protocol::{Element, Jid, ns};
 use crate::router::{OutboundRx, outbound_channel};
 use crate::server::Server;
+use crate::session::Session;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -86,6 +86,7 @@ impl std::fmt::Debug for Bound {
 /// The negotiation state of one connection.
 pub struct Negotiation {
     srv: Arc<Server>,
+    c2s: Arc<super::C2s>,
     peer: SocketAddr,
     phase: Phase,
     /// The stream is confidential: TLS, or a transport secure by itself.
@@ -108,9 +109,10 @@ pub struct Negotiation {
 impl Negotiation {
     /// A connection from `peer`; `secure` when its transport is already
     /// confidential without TLS of ours.
-    pub fn new(srv: Arc<Server>, peer: SocketAddr, secure: bool) -> Negotiation {
+    pub fn new(c2s: Arc<super::C2s>, peer: SocketAddr, secure: bool) -> Negotiation {
         Negotiation {
-            srv,
+            srv: c2s.srv.clone(),
+            c2s,
             peer,
             phase: Phase::Connected,
             secure,
@@ -133,7 +135,7 @@ impl Negotiation {
     /// TLS is up: the client starts a new stream. `exporter` is the TLS
     /// 1.3 exporter channel binding.
     pub fn tls_established(&mut self, exporter: Option<Vec<u8>>) {
-        self.cb = self.srv.sasl.bindings(exporter);
+        self.cb = self.c2s.sasl.bindings(exporter);
         self.secure = true;
         self.stream_open = false;
     }
@@ -180,7 +182,7 @@ impl Negotiation {
                 }
                 if self.sasl_allowed() {
                     let mut m = Element::new("mechanisms", ns::SASL);
-                    for name in self.srv.sasl.offered(self.bindings(), self.srv.cfg.listen.allow_plaintext) {
+                    for name in self.c2s.sasl.offered(self.bindings(), self.srv.cfg.listen.allow_plaintext) {
                         m.push(Element::stanza("mechanism").with_text(name));
                     }
                     f.push(m);
@@ -287,7 +289,7 @@ impl Negotiation {
         let mech = el.attr("mechanism").unwrap_or("");
         self.sasl_attempts += 1;
         self.sasl = None;
-        match self.srv.sasl.start(mech, self.bindings(), self.srv.cfg.listen.allow_plaintext) {
+        match self.c2s.sasl.start(mech, self.bindings(), self.srv.cfg.listen.allow_plaintext) {
             Ok(ex) => self.sasl = Some(ex),
             Err(f) => return self.sasl_fail(f),
         }
@@ -335,7 +337,7 @@ impl Negotiation {
             Step::Verify(check) => {
                 // Progressive delay after failed logins for this account or
                 // address, before any password is checked.
-                let delay = self.srv.guards.throttle.wait(&check.local, self.peer.ip());
+                let delay = self.c2s.guards.throttle.wait(&check.local, self.peer.ip());
                 if !delay.is_zero() {
                     tracing::debug!(peer = %self.peer, account = %check.local, wait = ?delay, "delaying login after failures");
                 }
@@ -355,7 +357,7 @@ impl Negotiation {
             Err(Failure { condition: "temporary-auth-failure", text: "try again".into(), credentials: false })
         });
         let mechanism = self.sasl.take().map(|ex| ex.mechanism()).unwrap_or("");
-        let throttle = &self.srv.guards.throttle;
+        let throttle = &self.c2s.guards.throttle;
         match result {
             Ok(additional) => {
                 throttle.succeeded(&check.local);
@@ -451,11 +453,11 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::c2s::session::Resumable;
     use crate::config::Config;
     use crate::protocol::element::{Scope, parse_element};
     use crate::protocol::{Frame, Framer};
     use crate::router::{CloseReason, Outbound};
+    use crate::session::Resumable;
     use crate::storage::Stores;
 
     const USER: &str = "15550000001";
@@ -480,7 +482,7 @@ mod tests {
     }
 
     fn neg(srv: &Srv, secure: bool) -> Negotiation {
-        Negotiation::new(srv.0.clone(), "192.0.2.7:4000".parse().unwrap(), secure)
+        Negotiation::new(super::super::C2s::new(srv.0.clone()).unwrap(), "192.0.2.7:4000".parse().unwrap(), secure)
     }
 
     fn el(x: &str) -> Element {

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::session::{Handover, Session};
 use crate::modules::sm::ResumeRequest;
 use crate::router::OutboundRx;
+use crate::session::{Handover, Session};
 
 /// Asks the holder of the session `req` names to hand it over. `None`
 /// when the session is gone or its holder does not answer in time.

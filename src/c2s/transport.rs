@@ -152,7 +152,12 @@ mod tests {
         let srv = Server::new(cfg, stores).unwrap();
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
-        let task = tokio::spawn(super::super::conn::serve_stream(srv.clone(), server, peer, true));
+        let task = tokio::spawn(super::super::conn::serve_stream(
+            super::super::C2s::new(srv.clone()).unwrap(),
+            server,
+            peer,
+            true,
+        ));
         let mut f = Framer::new(1 << 20);
         let header = format!(
             "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{}' version='1.0'>",

@@ -5,7 +5,7 @@
 //! `<blocked xmlns='urn:xmpp:blocking:errors'/>`). Changes are pushed to
 //! all of the blocker's sessions.
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};
 use crate::protocol::{Element, Jid};

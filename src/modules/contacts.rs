@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{GET_SET, Hooks, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, phone};

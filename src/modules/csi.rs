@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{FeaturePhase, Hooks, Module};
 use crate::protocol::Element;
 

@@ -4,7 +4,7 @@
 //! ([`crate::hooks::Hooks::disco_feature`]), so the answer cannot drift
 //! from what the server implements.
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{GET_SET, Hooks, IqRequest, IqTarget, Module};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};

@@ -4,7 +4,7 @@
 //! requests to another account's full JID are forwarded; anything unknown
 //! gets `service-unavailable`.
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{FeaturePhase, Hooks, IqRequest, IqTarget, IqType, Module, Stage, priority};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};

@@ -3,7 +3,7 @@
 //! are durable; XEP-0085 chat states alone, headlines and errors are
 //! delivered live only. Groupchat is not served by this module.
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{Hooks, Module, Stage, priority};
 use crate::protocol::stanza::StanzaError;
 use crate::protocol::{Element, Jid, Node};

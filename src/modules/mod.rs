@@ -2,7 +2,7 @@
 //! [`Module`] that names the specifications it implements and registers
 //! its handlers (see [`crate::hooks`]); [`ALL`] is the list the server
 //! loads. Modules operate on a
-//! [`Session`](crate::c2s::session::Session) and reach other accounts
+//! [`Session`](crate::session::Session) and reach other accounts
 //! only through the [`Router`](crate::router::Router) and the storage
 //! traits; none touches a socket.
 

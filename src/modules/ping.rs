@@ -3,7 +3,7 @@
 //! confirmation for clients without stream management) live in the
 //! connection and in [`super::sm`].
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{GET_SET, Hooks, IqTarget, Module};
 use crate::protocol::stanza::iq_result;
 use crate::protocol::{Element, ns};

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{Hooks, Module, Stage, priority};
 use crate::protocol::{Element, Jid, ns};
 use crate::router::{Audience, SessionUpdate};

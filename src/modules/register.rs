@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use crate::accounts::service::Request;
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{FeaturePhase, GET_SET, Hooks, Module};
 use crate::protocol::element::escape;
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};

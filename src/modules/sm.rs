@@ -27,10 +27,10 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::c2s::session::{Resumable, Session, Takeover};
 use crate::protocol::element::escape;
 use crate::protocol::{Element, ns};
 use crate::server::Server;
+use crate::session::{Resumable, Session, Takeover};
 use crate::storage::Ticket;
 
 /// `<failed/>` for an `<enable/>` that is not allowed now (before bind,

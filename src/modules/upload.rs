@@ -4,7 +4,7 @@
 //! media service ([`crate::media`]); disco#info of the server carries the
 //! `store/file` identity, the feature and the `max-file-size` form.
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{GET_SET, Hooks, Module};
 use crate::media::slot::Refusal;
 use crate::protocol::stanza::{StanzaError, error_reply, iq_result};

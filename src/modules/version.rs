@@ -1,6 +1,6 @@
 //! XEP-0092 Software Version.
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{GET_SET, Hooks, IqTarget, Module};
 use crate::protocol::stanza::iq_result;
 use crate::protocol::{Element, ns};

@@ -72,6 +72,8 @@ impl Drop for TempDir {
 /// A server in the test process, on the memory stores.
 pub struct Node {
     pub srv: Arc<Server>,
+    /// The client listener state connections are served with.
+    pub c2s: Arc<chatd::c2s::C2s>,
     _dir: TempDir,
 }
 
@@ -98,10 +100,8 @@ impl Node {
         cfg.auth.hash_threads = 1;
         f(&mut cfg);
         let srv = Server::new(cfg, Stores::memory()).expect("server");
-        // Answers to <r/> wait on the durability watermark this task follows.
-        let (w, rx) = (srv.durable.clone(), srv.stores.durability.committed());
-        tokio::spawn(async move { w.run(rx).await });
-        Node { srv, _dir: TempDir(dir) }
+        let c2s = chatd::c2s::C2s::new(srv.clone()).expect("client listener state");
+        Node { srv, c2s, _dir: TempDir(dir) }
     }
 
     /// Creates the named account unless it exists.
@@ -133,7 +133,7 @@ impl Node {
     pub fn connect(&self) -> Client {
         let (client, server) = tokio::io::duplex(256 * 1024);
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        tokio::spawn(chatd::c2s::conn::serve_stream(self.srv.clone(), server, peer, false));
+        tokio::spawn(chatd::c2s::conn::serve_stream(self.c2s.clone(), server, peer, false));
         Client::over(client)
     }
 

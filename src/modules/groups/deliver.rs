@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::protocol::stanza::{StanzaError, error_reply};
 use crate::protocol::{Element, Jid, Node, ns};
 use crate::server::Server;

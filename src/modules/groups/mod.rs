@@ -45,7 +45,7 @@ pub mod rules;
 pub use deliver::handle_message;
 pub use muc::handle_presence;
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::hooks::{Hooks, Module, Stage, priority};
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};

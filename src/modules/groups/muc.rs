@@ -6,7 +6,7 @@
 //! invitation by joining the room, as XEP-0249 clients do, or with the
 //! `<join/>` iq; anyone else is refused with `registration-required`.
 
-use crate::c2s::session::Session;
+use crate::session::Session;
 use crate::protocol::stanza::{StanzaError, iq_result};
 use crate::protocol::{Element, Jid, ns};
 use crate::storage::{GroupMember, GroupRole};
