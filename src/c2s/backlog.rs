@@ -11,7 +11,7 @@ use crate::session::Session;
 /// `delivery.max_unacked_bytes` is unacknowledged: a client that acks
 /// as it reads drains any backlog; one that does not holds bounded
 /// memory.
-pub fn pump(s: &mut Session) {
+pub async fn pump(s: &mut Session) {
     let Some((after, upto)) = s.backlog else { return };
     const OUT_BUDGET: usize = 256 * 1024;
     if s.out.len() > OUT_BUDGET {
@@ -23,7 +23,8 @@ pub fn pump(s: &mut Session) {
     }
     // At most a quarter of the unacked budget per batch (plus one
     // stanza): waiting at half of it, a batch cannot overrun it.
-    let batch = s.srv.router.pending(&s.local, after, upto, 200, OUT_BUDGET.min(unacked_max / 4));
+    let srv = s.srv.clone();
+    let batch = srv.router.pending(&s.local, after, upto, 200, OUT_BUDGET.min(unacked_max / 4)).await;
     match batch.last() {
         Some((last, _)) => s.backlog = Some((*last, upto)),
         None => s.backlog = None,

@@ -151,7 +151,7 @@ impl Conn {
         loop {
             // Read the offline backlog in bounded batches between writes.
             if let Some(s) = self.session.as_mut() {
-                super::backlog::pump(s);
+                super::backlog::pump(s).await;
             }
             if !self.flush().await {
                 self.state.transport_failed();

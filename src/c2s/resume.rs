@@ -36,6 +36,11 @@ pub async fn park(mut s: Session, mut rx: OutboundRx, timeout: Duration, limit: 
     tokio::pin!(deadline);
     loop {
         tokio::select! {
+            // Messages first: what was routed to the session before the
+            // client came back counts against its limits before it may be
+            // resumed. The limits bound this drain, so a takeover waits
+            // for at most that many messages.
+            biased;
             m = rx.recv() => match m {
                 Some(o) => {
                     s.outbound(o);

@@ -267,8 +267,10 @@ impl Router for LocalRouter {
         })
     }
 
-    fn pending(&self, local: &str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Vec<(u64, Arc<str>)> {
-        match self.offline.list(local, after, upto, limit, max_bytes) {
+    fn pending<'a>(&'a self, local: &'a str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Pending<'a> {
+        // The embedded store answers at once, from its memtable or page
+        // cache.
+        let batch = match self.offline.list(local, after, upto, limit, max_bytes) {
             Ok(v) => v
                 .into_iter()
                 .map(|(seq, m)| (seq, with_delay(&repair_stored(local, seq, &m.xml), &self.domain, m.ts_ms).into()))
@@ -277,7 +279,8 @@ impl Router for LocalRouter {
                 tracing::error!(account = local, error = %err, "reading offline queue failed");
                 Vec::new()
             }
-        }
+        };
+        Box::pin(std::future::ready(batch))
     }
 
     fn fanout(
@@ -336,6 +339,19 @@ mod tests {
     use crate::protocol::Element;
     use crate::storage::Stores;
 
+    /// The result of a future that must be ready at once (the embedded
+    /// store never waits).
+    trait Now: std::future::Future + Sized {
+        fn now(self) -> Self::Output {
+            let mut f = std::pin::pin!(self);
+            match f.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+                std::task::Poll::Ready(v) => v,
+                std::task::Poll::Pending => panic!("the embedded store answers at once"),
+            }
+        }
+    }
+    impl<F: std::future::Future> Now for F {}
+
     fn limits(max_queue: usize) -> Limits {
         Limits { max_queue, max_queue_bytes: 1 << 20, sender_share_percent: 100, rate_per_sec: 10.0, rate_burst: 3.0 }
     }
@@ -374,7 +390,7 @@ mod tests {
         r.bind("15550000001", 9, "r", tx, 5);
         let upto = r.attach("15550000001", 9);
         r.message(&to, msg("live"), MessageClass::Durable).unwrap();
-        let stored = r.pending("15550000001", 0, upto, 100, usize::MAX);
+        let stored = r.pending("15550000001", 0, upto, 100, usize::MAX).now();
         assert_eq!(stored.len(), 3);
         assert!(stored[0].1.contains("<body>0</body>") && stored[0].1.contains("urn:xmpp:delay"));
         assert!(stored[2].1.contains("<body>2</body>"));
@@ -423,14 +439,15 @@ mod tests {
         r.message(&to, msg("a"), MessageClass::Durable).unwrap();
         r.message(&other, msg("b"), MessageClass::Durable).unwrap();
         r.message(&to, msg("c"), MessageClass::Durable).unwrap();
-        let seqs: Vec<u64> = r.pending("15550000001", 0, u64::MAX, 10, usize::MAX).iter().map(|(s, _)| *s).collect();
+        let seqs: Vec<u64> =
+            r.pending("15550000001", 0, u64::MAX, 10, usize::MAX).now().iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, vec![1, 2]);
-        assert_eq!(r.pending("15550000009", 0, u64::MAX, 10, usize::MAX)[0].0, 1);
+        assert_eq!(r.pending("15550000009", 0, u64::MAX, 10, usize::MAX).now()[0].0, 1);
         r.confirm("15550000001", &seqs);
         // Forget the cached mark, as after the entry was dropped.
         r.registry.with("15550000001", |e| e.last_seq = None);
         r.message(&to, msg("d"), MessageClass::Durable).unwrap();
-        assert_eq!(r.pending("15550000001", 0, u64::MAX, 10, usize::MAX)[0].0, 3);
+        assert_eq!(r.pending("15550000001", 0, u64::MAX, 10, usize::MAX).now()[0].0, 3);
     }
 
     /// Concurrent batches for many accounts, a restart, then more

@@ -27,6 +27,9 @@ use crate::protocol::stanza::StanzaError;
 use crate::protocol::{Element, Jid, ns};
 use crate::storage::{QueueUsage, Ticket};
 
+/// A batch of stored messages being read: `(sequence number, stanza)`.
+pub type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<(u64, Arc<str>)>> + Send + 'a>>;
+
 /// What the router knows about one live session of an account, without
 /// its channel: enough for presence, carbons and roster pushes to decide
 /// who gets what.
@@ -143,9 +146,11 @@ pub enum MessageClass {
 /// router and its connection closes as a slow consumer; stored messages
 /// stay stored.
 ///
-/// No method waits for the network or the disk: writes return a
-/// [`Ticket`] that [`crate::storage::Durability`] resolves later, and a
-/// networked backend answers reads from state it keeps current locally.
+/// Only [`Router::pending`] may wait: writes return a [`Ticket`] that
+/// [`crate::storage::Durability`] resolves later (the caller awaits it
+/// through `storage::waiters` before it acknowledges anything), and a
+/// networked backend answers the other reads from state it keeps current
+/// locally.
 pub trait Router: Send + Sync {
     /// Registers a bound session with its outbound channel. Sessions it
     /// displaces (the same resource, or the oldest over
@@ -201,7 +206,11 @@ pub trait Router: Send + Sync {
     /// Stored messages of `local` in `(after, upto]`, oldest first, with
     /// a XEP-0203 delay stamp added: at most `limit`, and no more once
     /// `max_bytes` are read (at least one).
-    fn pending(&self, local: &str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Vec<(u64, Arc<str>)>;
+    ///
+    /// A future, because reading a queue is the one thing a networked
+    /// backend cannot answer from local state: the connection awaits it
+    /// between writes.
+    fn pending<'a>(&'a self, local: &'a str, after: u64, upto: u64, limit: usize, max_bytes: usize) -> Pending<'a>;
 
     /// Whether the account exists.
     fn account_exists(&self, local: &str) -> bool;
