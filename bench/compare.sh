@@ -212,12 +212,25 @@ check_limit() {  # name
 prepare_chatd() {
     local d="$WORK/chatd"
     rm -rf "$d"; mkdir -p "$d/data"
+    # The generator is one client address driving 10,000 accounts at full
+    # speed: lift the limits that exist against strangers (unauthenticated
+    # connections per address, each account's send rate), as the other
+    # servers run without their shapers. Everything else stays at its
+    # default.
+    cat >"$d/chatd.toml" <<'TOML'
+[auth]
+max_unauthenticated_per_ip = 0
+
+[delivery]
+messages_per_sec = 1000000.0
+messages_burst = 1000000.0
+TOML
     "$BENCH" accounts --mode import --count "$ACCOUNTS" --prefix 1555 --password "$PASSWORD" \
         --chatd-bin "$CHATD" --data-dir "$d/data" --csv "$d/accounts.csv"
 }
 start_chatd() {
     local d="$WORK/chatd"
-    "$CHATD" serve --data-dir "$d/data" --domain "$DOMAIN" --c2s "127.0.0.1:$CHATD_PORT" \
+    "$CHATD" serve --config "$d/chatd.toml" --data-dir "$d/data" --domain "$DOMAIN" --c2s "127.0.0.1:$CHATD_PORT" \
         --c2s-tls 127.0.0.1:0 --allow-plaintext >>"$d/chatd.log" 2>&1 &
     WRAPPER_PID=$!
     local i
