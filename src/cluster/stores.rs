@@ -194,7 +194,10 @@ fn apply(m: &Mirror, e: kv::Entry) {
 /// Starts the bucket's watch and applies it until the mirror holds the
 /// bucket's current state.
 async fn catch_up(store: &kv::Store, m: &Mirror) -> Result<kv::Watch> {
-    let mut watch = store.watch_all().await.map_err(|e| engine_err(&format!("watching {}", m.bucket), e))?;
+    // `watch_all` delivers only new writes; with history it starts
+    // with the latest revision of every key.
+    let mut watch =
+        store.watch_with_history(">").await.map_err(|e| engine_err(&format!("watching {}", m.bucket), e))?;
     // Created after the watch: anything stored later arrives through it.
     let status = store.status().await.map_err(|e| engine_err(&format!("status of {}", m.bucket), e))?;
     if status.info.state.messages == 0 {
