@@ -91,7 +91,7 @@ enum UserCmd {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHATD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn,async_nats=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 

@@ -61,6 +61,27 @@
 //! tokio worker; a worker that makes a NATS round trip blocks only for
 //! that round trip, as it would on a disk read with fjall.
 
+//! # Consistency between nodes
+//! Each key is last-writer-wins in NATS order; the mirrors converge on it
+//! within a watch hop (about a millisecond). A read-modify-write from two
+//! nodes at once (two devices of one account changing one roster item on
+//! different nodes) keeps one of them, where the single node serialises
+//! them. A `clear_*` deletes the keys this node's mirror knows, so a key
+//! another node wrote a moment earlier can survive it. A miss in the
+//! mirror is an answer, not a reason to ask NATS: `has_user` for unknown
+//! numbers must not cost a round trip.
+//!
+//! # What the cluster router will need
+//! - Delivery ids from the stream (see [`offline`]): caller-assigned queue
+//!   numbers are safe only under one node's delivery lock.
+//! - Per-account queue usage and limits from the stream
+//!   (`max_msgs_per_subject`, error 10077), not from a node's cache.
+//! - Password changes and account deletions reach sessions on other nodes
+//!   (today `chatd user` on a cluster ends no session; `key_generation` in
+//!   the record tells stale sessions apart).
+//! - Retries of unacknowledged writes with `Nats-Msg-Id` instead of
+//!   fail-stop, once it can bound them.
+
 pub mod engine;
 pub mod mirror;
 pub mod offline;
