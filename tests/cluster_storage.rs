@@ -95,6 +95,52 @@ fn two_nodes_see_each_others_writes() {
     b.durability.shutdown();
 }
 
+/// A write NATS never acknowledges is never reported durable: the store
+/// stops, its waiters learn it, later writes fail.
+#[test]
+fn a_write_nats_never_acknowledges_stops_the_store() {
+    let Some(nats) = server("a_write_nats_never_acknowledges_stops_the_store") else { return };
+    let s = chatd::cluster::open_with_ack_timeout(&nats.cluster_config("n1"), Duration::from_millis(800)).unwrap();
+    let t = s.users.put_user("1", &record(1)).unwrap();
+    wait(&s, t);
+    drop(nats);
+    let t = s.users.put_user("2", &record(2)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let outcome = rt.block_on(async {
+        let mut rx = s.durability.committed();
+        tokio::time::timeout(Duration::from_secs(10), chatd::storage::wait_durable(&mut rx, t)).await
+    });
+    assert!(matches!(outcome, Ok(Err(_))), "the waiter is told the store stopped: {outcome:?}");
+    assert!(*s.durability.committed().borrow() < t, "the watermark never passed the unacknowledged write");
+    let err = s.users.put_user("3", &record(3)).unwrap_err().to_string();
+    assert!(err.contains("stopped"), "{err}");
+    assert_eq!(s.users.get_user("1").unwrap(), Some(record(1)), "reads go on from the mirror");
+}
+
+/// The stores are called from tokio workers: nothing in them may need a
+/// runtime of the caller's or block one by entering it.
+#[test]
+fn stores_work_from_tokio_workers() {
+    let Some(nats) = server("stores_work_from_tokio_workers") else { return };
+    let s = Stores::open_nats(&nats.cluster_config("n1")).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let s2 = s.clone();
+    let n = rt.block_on(async move {
+        tokio::spawn(async move {
+            let m = chatd::storage::StoredMessage { ts_ms: 1, xml: "<message/>".into() };
+            let t = s2.offline.push(&[("1", 1, &m)]).unwrap();
+            let mut rx = s2.durability.committed();
+            chatd::storage::wait_durable(&mut rx, t).await.unwrap();
+            s2.users.put_user("1", &record(1)).unwrap();
+            (s2.offline.count("1").unwrap(), s2.users.has_user("1").unwrap())
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(n, (1, true));
+    s.durability.shutdown();
+}
+
 #[test]
 fn a_reopened_node_loads_what_was_written() {
     let Some(nats) = server("a_reopened_node_loads_what_was_written") else { return };

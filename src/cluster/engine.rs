@@ -316,8 +316,10 @@ async fn run(
             break;
         }
     }
-    // Dropping `committed` tells every waiter that nothing more becomes
-    // durable; dropping `rx` makes later writes fail.
+    // Later writes fail first, then every waiter learns that nothing
+    // more becomes durable: a caller told "stopped" finds the store so.
+    rx.close();
+    drop(committed);
 }
 
 /// Hands `ops` to the connection in order and returns the future of

@@ -141,7 +141,16 @@ pub fn partition(local: &str, partitions: u32) -> u32 {
 /// refuses the bootstrap (e.g. JetStream off, too few servers for
 /// `replicas`).
 pub fn open(cfg: &Cluster) -> crate::storage::Result<Stores> {
-    let s = Arc::new(stores::ClusterStore::open(cfg)?);
+    open_with_ack_timeout(cfg, stores::ACK_TIMEOUT)
+}
+
+/// [`open`] with another PubAck timeout than
+/// [`stores::ACK_TIMEOUT`].
+///
+/// # Errors
+/// See [`open`].
+pub fn open_with_ack_timeout(cfg: &Cluster, ack_timeout: std::time::Duration) -> crate::storage::Result<Stores> {
+    let s = Arc::new(stores::ClusterStore::open_with(cfg, ack_timeout)?);
     Ok(Stores {
         users: s.clone(),
         offline: s.clone(),

@@ -35,6 +35,10 @@ pub const BUCKETS: [&str; 5] = ["accounts", "roster", "settings", "groups", "que
 /// How long opening may take: connecting, creating buckets and streams,
 /// and loading the mirrors.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a write may wait for its PubAck before the store stops:
+/// longer than a stream leader election (4–9 s), so losing one server
+/// of three stalls writes instead of stopping the node.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Every store of one node on the cluster.
 pub struct ClusterStore {
@@ -52,6 +56,15 @@ impl ClusterStore {
     /// # Errors
     /// See [`super::open`].
     pub fn open(cfg: &Cluster) -> Result<ClusterStore> {
+        Self::open_with(cfg, ACK_TIMEOUT)
+    }
+
+    /// [`ClusterStore::open`] with another PubAck timeout (tests make a
+    /// dead NATS show in a second).
+    ///
+    /// # Errors
+    /// See [`super::open`].
+    pub fn open_with(cfg: &Cluster, ack_timeout: Duration) -> Result<ClusterStore> {
         cfg.validate().map_err(|e| StoreError::Engine(format!("{e:#}")))?;
         let mirrors: Arc<Vec<Mirror>> = Arc::new(
             BUCKETS
@@ -62,7 +75,7 @@ impl ClusterStore {
         );
         let prefixes = BUCKETS.iter().map(|b| format!("$KV.{b}.")).collect();
         let (c, m) = (cfg.clone(), mirrors.clone());
-        let engine = Engine::start(move || bootstrap(c, m), mirrors.clone(), prefixes, OPEN_TIMEOUT)?;
+        let engine = Engine::start(move || bootstrap(c, m, ack_timeout), mirrors.clone(), prefixes, OPEN_TIMEOUT)?;
         tracing::info!(node = %cfg.node_id, servers = %cfg.nats_urls.join(","), "cluster store open");
         Ok(ClusterStore { engine, mirrors, partitions: cfg.partitions, queue_lock: Default::default() })
     }
@@ -128,7 +141,7 @@ fn engine_err(what: &str, e: impl std::fmt::Display) -> StoreError {
 
 /// Runs on the NATS thread: connect, create what is missing, load the
 /// mirrors, start the watches.
-async fn bootstrap(cfg: Cluster, mirrors: Arc<Vec<Mirror>>) -> Result<jetstream::Context> {
+async fn bootstrap(cfg: Cluster, mirrors: Arc<Vec<Mirror>>, ack_timeout: Duration) -> Result<jetstream::Context> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!("chatd {}", cfg.node_id))
         .connection_timeout(Duration::from_secs(5))
@@ -152,7 +165,7 @@ async fn bootstrap(cfg: Cluster, mirrors: Arc<Vec<Mirror>>) -> Result<jetstream:
         .connect(addrs)
         .await
         .map_err(|e| StoreError::Engine(format!("cannot reach NATS at {}: {e}", cfg.nats_urls.join(", "))))?;
-    let js = jetstream::new(client);
+    let js = jetstream::context::ContextBuilder::new().ack_timeout(ack_timeout).build(client);
     for (i, m) in mirrors.iter().enumerate() {
         let store = js
             .create_or_update_key_value(kv::Config {
