@@ -141,6 +141,31 @@ fn stores_work_from_tokio_workers() {
     s.durability.shutdown();
 }
 
+/// Two devices acknowledging the same messages at once, through two
+/// nodes: each message is reported deleted exactly once, so each node's
+/// cached queue usage stays exact.
+#[test]
+fn concurrent_acks_report_each_message_once() {
+    let Some(nats) = server("concurrent_acks_report_each_message_once") else { return };
+    let a = Stores::open_nats(&nats.cluster_config("a")).unwrap();
+    let b = Stores::open_nats(&nats.cluster_config("b")).unwrap();
+    let m = chatd::storage::StoredMessage { ts_ms: 1, xml: "<message from='9@localhost/r'/>".into() };
+    let items: Vec<(&str, u64, &chatd::storage::StoredMessage)> = (1..=20).map(|s| ("100", s, &m)).collect();
+    let t = a.offline.push(&items).unwrap();
+    wait(&a, t);
+    let reported: usize = std::thread::scope(|sc| {
+        let hs: Vec<_> = [&a, &b, &a]
+            .into_iter()
+            .map(|n| sc.spawn(move || (1..=20).map(|s| n.offline.remove("100", &[s]).unwrap().1.len()).sum::<usize>()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(reported, 20);
+    assert_eq!(a.offline.count("100").unwrap(), 0);
+    a.durability.shutdown();
+    b.durability.shutdown();
+}
+
 #[test]
 fn a_reopened_node_loads_what_was_written() {
     let Some(nats) = server("a_reopened_node_loads_what_was_written") else { return };

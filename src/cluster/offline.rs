@@ -32,8 +32,9 @@
 //!   `max_age` does it and the reaper is off.
 //! - **Deletes are requests, not publishes.** `remove` and `expire`
 //!   delete by stream sequence and count a message only when the leader
-//!   answers that it deleted it, so two nodes acknowledging the same
-//!   message report it once between them. `clear` is a subject purge,
+//!   answers that it deleted it, so two acknowledgements of the same
+//!   message, on one node or two, report it once between them, with no
+//!   lock held across the round trips. `clear` is a subject purge,
 //!   ordered before any later write of this node.
 
 use async_nats::HeaderMap;
@@ -105,7 +106,10 @@ fn err(what: &str, e: impl std::fmt::Display) -> StoreError {
 fn already_gone(kind: &DeleteMessageErrorKind) -> bool {
     match kind {
         DeleteMessageErrorKind::JetStream(e) => {
+            // 10057 with "no message found" is what nats-server 2.15.1
+            // answers for a deleted sequence; 10043 "sequence not found".
             e.error_code() == ErrorCode::NO_MESSAGE_FOUND
+                || e.error_code() == ErrorCode(10043)
                 || (e.error_code() == ErrorCode(10057) && e.to_string().contains("no message found"))
         }
         _ => false,
@@ -170,7 +174,6 @@ impl OfflineStore for ClusterStore {
     }
 
     fn remove(&self, local: &str, seqs: &[u64]) -> Result<(Ticket, Vec<QueuedMeta>)> {
-        let _one = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (stream, filter) = self.stream_of(local);
         let mut found = Vec::new();
         if !seqs.is_empty() {
@@ -232,7 +235,6 @@ impl OfflineStore for ClusterStore {
     }
 
     fn expire(&self, cutoff_ms: u64) -> Result<usize> {
-        let _one = self.queue_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         for p in 0..self.partitions {
             let stream = format!("Q{p:02}");

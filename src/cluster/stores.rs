@@ -45,9 +45,6 @@ pub struct ClusterStore {
     pub(crate) engine: Engine,
     pub(crate) mirrors: Arc<Vec<Mirror>>,
     pub(crate) partitions: u32,
-    /// Serialises this node's queue deletions (`remove`, `expire`), so
-    /// that two of them never both report one message.
-    pub(crate) queue_lock: std::sync::Mutex<()>,
 }
 
 impl ClusterStore {
@@ -77,7 +74,7 @@ impl ClusterStore {
         let (c, m) = (cfg.clone(), mirrors.clone());
         let engine = Engine::start(move || bootstrap(c, m, ack_timeout), mirrors.clone(), prefixes, OPEN_TIMEOUT)?;
         tracing::info!(node = %cfg.node_id, servers = %cfg.nats_urls.join(","), "cluster store open");
-        Ok(ClusterStore { engine, mirrors, partitions: cfg.partitions, queue_lock: Default::default() })
+        Ok(ClusterStore { engine, mirrors, partitions: cfg.partitions })
     }
 
     pub(crate) fn mirror(&self, i: usize) -> &Mirror {
