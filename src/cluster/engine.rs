@@ -13,7 +13,9 @@
 //! acks never wait behind one another and the client's in-flight permits
 //! are released as they arrive. A `FuturesOrdered` of the tickets yields
 //! them in order, and the watermark moves to each ticket whose
-//! operations all succeeded. The first failure stops the engine.
+//! operations all succeeded. An unacknowledged publish is resent (see
+//! [`send`]); one that stays unacknowledged for the ack timeout stops
+//! the engine.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -84,8 +86,7 @@ impl Engine {
     /// (connect, create buckets and streams, catch the mirrors up, start
     /// the watches) and then serves commands. Returns once `bootstrap`
     /// finished, with its error if it failed. `mirrors` are indexed by
-    /// [`Op::Put`]'s `bucket`; `kv_prefixes[i]` is mirror `i`'s KV subject
-    /// prefix (`$KV.<bucket>.`).
+    /// [`Op::Put`]'s `bucket`.
     ///
     /// # Errors
     /// `bootstrap`'s error, or [`StoreError::Engine`] if it took longer
@@ -93,7 +94,7 @@ impl Engine {
     pub fn start<F, Fut>(
         bootstrap: F,
         mirrors: Arc<Vec<Mirror>>,
-        kv_prefixes: Vec<String>,
+        settings: WireSettings,
         open_timeout: Duration,
     ) -> Result<Engine>
     where
@@ -128,7 +129,7 @@ impl Engine {
                         if up_tx.send(Ok(())).is_err() {
                             return; // the opener gave up
                         }
-                        run(rx, js, ctx_tx, mirrors, kv_prefixes, failure, acks).await;
+                        run(rx, js, ctx_tx, mirrors, settings, failure, acks).await;
                     });
                     // Watches and stray tasks end with the runtime.
                     rt.shutdown_timeout(Duration::from_secs(1));
@@ -243,17 +244,28 @@ struct Acked {
 
 type TicketFuture = Pin<Box<dyn Future<Output = (Ticket, std::result::Result<Vec<Acked>, String>)> + Send>>;
 
+/// Where writes go and how hard they are pushed there.
+pub struct WireSettings {
+    /// KV subject prefix (`$KV.<bucket>.`) of each mirror, by index.
+    pub kv_prefixes: Vec<String>,
+    /// Unique to this process: the start of every `Nats-Msg-Id`.
+    pub id_prefix: String,
+    pub ack_timeout: Duration,
+}
+
 async fn run(
     mut rx: mpsc::UnboundedReceiver<Cmd>,
     js: jetstream::Context,
     committed: watch::Sender<Ticket>,
     mirrors: Arc<Vec<Mirror>>,
-    kv_prefixes: Vec<String>,
+    settings: WireSettings,
     failure: Arc<Mutex<Option<String>>>,
     acks: Arc<AtomicU64>,
 ) {
+    let WireSettings { kv_prefixes, id_prefix, ack_timeout } = settings;
     let mut pending: FuturesOrdered<TicketFuture> = FuturesOrdered::new();
     let ctx = Ctx { js: js.clone(), committed: committed.subscribe() };
+    let wire = Arc::new(Wire { js, kv_prefixes, mirrors: mirrors.clone(), acks, id_prefix, ack_timeout });
     let mut stopping = false;
     let fail = |why: String| {
         tracing::error!(error = %why, "cluster store write failed; the store stops");
@@ -290,7 +302,7 @@ async fn run(
                             break;
                         }
                     }
-                    match send(&js, &kv_prefixes, ticket, ops, &acks).await {
+                    match send(&wire, ticket, ops).await {
                         Ok(fut) => pending.push_back(fut),
                         Err(why) => { fail(why); break; }
                     }
@@ -322,24 +334,44 @@ async fn run(
     drop(committed);
 }
 
+/// What sending needs, shared with the ack tasks.
+struct Wire {
+    js: jetstream::Context,
+    kv_prefixes: Vec<String>,
+    mirrors: Arc<Vec<Mirror>>,
+    acks: Arc<AtomicU64>,
+    /// `<node>.<random>`: with the ticket and the operation's index, the
+    /// `Nats-Msg-Id` that lets a resend be dropped as a duplicate.
+    id_prefix: String,
+    /// How long one operation may keep failing before the store stops.
+    ack_timeout: Duration,
+}
+
+/// Errors no resend can cure.
+fn permanent(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind as K;
+    matches!(e.kind(), K::MaxPayloadExceeded | K::WrongLastSequence | K::WrongLastMessageId)
+}
+
 /// Hands `ops` to the connection in order and returns the future of
 /// their acknowledgements.
-async fn send(
-    js: &jetstream::Context,
-    kv_prefixes: &[String],
-    ticket: Ticket,
-    ops: Vec<Op>,
-    acks: &Arc<AtomicU64>,
-) -> std::result::Result<TicketFuture, String> {
+///
+/// A publish that fails or is not acknowledged (a server lost, a stream
+/// leader being elected) is sent again with the same `Nats-Msg-Id` until
+/// `ack_timeout`, so a copy that did land is not stored twice. A resend
+/// may land after a later write: harmless for queue messages (a queue is
+/// read in `Chatd-Seq` order), and for a KV key a resend is skipped once
+/// a later write of this node to the same key exists, which supersedes it.
+async fn send(w: &Arc<Wire>, ticket: Ticket, ops: Vec<Op>) -> std::result::Result<TicketFuture, String> {
     let mut waits = Vec::with_capacity(ops.len());
-    for op in ops {
-        let (subject, headers, payload, kv) = match op {
+    for (i, op) in ops.into_iter().enumerate() {
+        let (subject, mut headers, payload, kv) = match op {
             Op::Put { bucket, key, value } => {
-                let prefix = kv_prefixes.get(bucket).ok_or("unknown bucket")?;
+                let prefix = w.kv_prefixes.get(bucket).ok_or("unknown bucket")?;
                 (format!("{prefix}{key}"), HeaderMap::new(), value, Some((bucket, key)))
             }
             Op::Del { bucket, key } => {
-                let prefix = kv_prefixes.get(bucket).ok_or("unknown bucket")?;
+                let prefix = w.kv_prefixes.get(bucket).ok_or("unknown bucket")?;
                 let mut h = HeaderMap::new();
                 h.insert("KV-Operation", "DEL");
                 (format!("{prefix}{key}"), h, Bytes::new(), Some((bucket, key)))
@@ -347,19 +379,58 @@ async fn send(
             Op::Publish { subject, headers, payload } => (subject, headers, payload, None),
             Op::Purge { stream, filter } => {
                 // Awaited here, not in a task of its own: a purge must not
-                // overtake a later publish to the same subject.
-                let s = js.get_stream_no_info(&stream).await.map_err(|e| format!("stream {stream}: {e}"))?;
-                s.purge().filter(filter.clone()).await.map_err(|e| format!("purging {filter}: {e}"))?;
+                // overtake a later publish to the same subject. Idempotent,
+                // so retried as it is.
+                let deadline = tokio::time::Instant::now() + w.ack_timeout;
+                loop {
+                    let r = async {
+                        let s = w.js.get_stream_no_info(&stream).await.map_err(|e| format!("stream {stream}: {e}"))?;
+                        s.purge().filter(filter.clone()).await.map_err(|e| format!("purging {filter}: {e}"))?;
+                        Ok::<(), String>(())
+                    }
+                    .await;
+                    match r {
+                        Ok(()) => break,
+                        Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cluster store: purge failed, retrying");
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                    }
+                }
                 continue;
             }
         };
-        let ack =
-            js.publish_with_headers(subject.clone(), headers, payload).await.map_err(|e| format!("{subject}: {e}"))?;
-        let acks = acks.clone();
+        headers.insert("Nats-Msg-Id", format!("{}.{ticket}.{i}", w.id_prefix).as_str());
+        // The first attempt goes out here, in ticket order.
+        let first = w.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await;
+        let w = w.clone();
         waits.push(tokio::spawn(async move {
-            let a = ack.await.map_err(|e| format!("{subject}: {e}"))?;
-            acks.fetch_add(1, Ordering::Relaxed);
-            Ok(kv.map(|(bucket, key)| Acked { bucket, key, revision: a.sequence }))
+            let deadline = tokio::time::Instant::now() + w.ack_timeout;
+            let mut attempt = first;
+            loop {
+                let err = match attempt {
+                    Ok(ack) => match ack.await {
+                        Ok(a) => {
+                            w.acks.fetch_add(1, Ordering::Relaxed);
+                            return Ok(kv.map(|(bucket, key)| Acked { bucket, key, revision: a.sequence }));
+                        }
+                        Err(e) => e,
+                    },
+                    Err(e) => e,
+                };
+                if permanent(&err) || tokio::time::Instant::now() >= deadline {
+                    return Err(format!("{subject}: {err}"));
+                }
+                if let Some((bucket, key)) = &kv
+                    && w.mirrors.get(*bucket).is_some_and(|m| m.superseded(key, ticket))
+                {
+                    return Ok(None);
+                }
+                tracing::warn!(%subject, error = %err, "cluster store: write not acknowledged, resending");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                attempt = w.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await;
+            }
         }));
     }
     Ok(Box::pin(async move {

@@ -130,6 +130,13 @@ impl Mirror {
         });
     }
 
+    /// Whether a write of this node to `key` later than `ticket` exists
+    /// (pending, or already acknowledged and settled): a resend of
+    /// `ticket`'s write would only bring back an older value.
+    pub fn superseded(&self, key: &str, ticket: Ticket) -> bool {
+        self.lock().slots.get(key).and_then(|s| s.own.as_ref()).is_none_or(|o| o.ticket > ticket)
+    }
+
     /// The watch delivered `key` at `revision` (`None`: deleted or purged).
     pub fn watched(&self, key: &str, revision: u64, value: Option<Bytes>) {
         self.change(key, |slot| {
@@ -230,6 +237,19 @@ mod tests {
         m.watched("k", 11, None);
         assert_eq!(m.get("k"), None);
         assert!(m.keys("").is_empty(), "deleted keys leave the map");
+    }
+
+    #[test]
+    fn a_resend_is_superseded_only_by_a_later_own_write() {
+        let m = Mirror::new("t");
+        m.own_write("k", b("one"), 1);
+        assert!(!m.superseded("k", 1), "still the latest write of the key");
+        m.own_write("k", b("two"), 2);
+        assert!(m.superseded("k", 1));
+        m.acked("k", 2, 9);
+        m.watched("k", 9, b("two"));
+        assert!(m.superseded("k", 1), "the later write settled");
+        assert!(m.superseded("other", 1), "no own write pending there");
     }
 
     #[test]

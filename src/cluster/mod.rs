@@ -43,11 +43,14 @@
 //! acknowledged writes can then be lost in a power failure), so that
 //! setting is required.
 //!
-//! A write that NATS rejects or does not acknowledge in time stops the
-//! engine (fail-stop): the watermark never passes it, waiters learn that
-//! the store closed, later writes fail with [`StoreError::Closed`].
-//! Resending with `Nats-Msg-Id` for dedupe is the cluster router's job,
-//! once it owns retries.
+//! Every publish carries a `Nats-Msg-Id` unique to this process, ticket
+//! and operation; one not acknowledged (a server lost, a stream leader
+//! being elected) is resent with the same id, so a copy that did land is
+//! dropped as a duplicate. Killing the stream leader of three servers
+//! stalls writes for about 6 s and loses none. A write still not
+//! acknowledged after [`stores::ACK_TIMEOUT`], or refused for good,
+//! stops the engine (fail-stop): the watermark never passes it, waiters
+//! learn that the store closed, later writes fail.
 //!
 //! # The sync/async bridge
 //! The storage traits are synchronous and are called from tokio workers
@@ -79,8 +82,9 @@
 //! - Password changes and account deletions reach sessions on other nodes
 //!   (today `chatd user` on a cluster ends no session; `key_generation` in
 //!   the record tells stale sessions apart).
-//! - Retries of unacknowledged writes with `Nats-Msg-Id` instead of
-//!   fail-stop, once it can bound them.
+//! - A policy for a store that stopped (NATS unreachable for
+//!   [`stores::ACK_TIMEOUT`]): close the node's streams so clients move
+//!   to another node, and open the store again.
 
 pub mod engine;
 pub mod mirror;

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use super::engine::{Engine, Op};
+use super::engine::{Engine, Op, WireSettings};
 use super::mirror::Mirror;
 use super::{hex, unhex};
 use crate::config::Cluster;
@@ -35,9 +35,9 @@ pub const BUCKETS: [&str; 5] = ["accounts", "roster", "settings", "groups", "que
 /// How long opening may take: connecting, creating buckets and streams,
 /// and loading the mirrors.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a write may wait for its PubAck before the store stops:
-/// longer than a stream leader election (4–9 s), so losing one server
-/// of three stalls writes instead of stopping the node.
+/// How long a write may go unacknowledged (resent meanwhile) before the
+/// store stops: longer than a stream leader election (4–9 s), so losing
+/// one server of three stalls writes instead of stopping the node.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Every store of one node on the cluster.
@@ -70,9 +70,13 @@ impl ClusterStore {
                 .map(|(i, b)| if i == GROUPS { Mirror::with_member_index(b) } else { Mirror::new(b) })
                 .collect(),
         );
-        let prefixes = BUCKETS.iter().map(|b| format!("$KV.{b}.")).collect();
+        let settings = WireSettings {
+            kv_prefixes: BUCKETS.iter().map(|b| format!("$KV.{b}.")).collect(),
+            id_prefix: format!("{}.{:016x}", cfg.node_id, rand::random::<u64>()),
+            ack_timeout,
+        };
         let (c, m) = (cfg.clone(), mirrors.clone());
-        let engine = Engine::start(move || bootstrap(c, m, ack_timeout), mirrors.clone(), prefixes, OPEN_TIMEOUT)?;
+        let engine = Engine::start(move || bootstrap(c, m, ack_timeout), mirrors.clone(), settings, OPEN_TIMEOUT)?;
         tracing::info!(node = %cfg.node_id, servers = %cfg.nats_urls.join(","), "cluster store open");
         Ok(ClusterStore { engine, mirrors, partitions: cfg.partitions })
     }
@@ -162,7 +166,11 @@ async fn bootstrap(cfg: Cluster, mirrors: Arc<Vec<Mirror>>, ack_timeout: Duratio
         .connect(addrs)
         .await
         .map_err(|e| StoreError::Engine(format!("cannot reach NATS at {}: {e}", cfg.nats_urls.join(", "))))?;
-    let js = jetstream::context::ContextBuilder::new().ack_timeout(ack_timeout).build(client);
+    // A PubAck future times out after the context's request timeout, not
+    // after `ack_timeout` (which bounds only acks nobody awaits): one
+    // attempt waits up to 5 s, resends go on until `ack_timeout`.
+    let attempt = ack_timeout.min(Duration::from_secs(5));
+    let js = jetstream::context::ContextBuilder::new().timeout(attempt).ack_timeout(attempt).build(client);
     for (i, m) in mirrors.iter().enumerate() {
         let store = js
             .create_or_update_key_value(kv::Config {
