@@ -100,7 +100,7 @@ fn two_nodes_see_each_others_writes() {
 #[test]
 fn a_write_nats_never_acknowledges_stops_the_store() {
     let Some(nats) = server("a_write_nats_never_acknowledges_stops_the_store") else { return };
-    let s = chatd::cluster::open_with_ack_timeout(&nats.cluster_config("n1"), Duration::from_millis(800)).unwrap();
+    let s = chatd::cluster::open_with_ack_timeout(&nats.cluster_config("n1"), Duration::from_secs(2)).unwrap();
     let t = s.users.put_user("1", &record(1)).unwrap();
     wait(&s, t);
     drop(nats);
@@ -115,6 +115,28 @@ fn a_write_nats_never_acknowledges_stops_the_store() {
     let err = s.users.put_user("3", &record(3)).unwrap_err().to_string();
     assert!(err.contains("stopped"), "{err}");
     assert_eq!(s.users.get_user("1").unwrap(), Some(record(1)), "reads go on from the mirror");
+}
+
+/// A server that crashes and comes back within the ack timeout: the
+/// write made while it was down is resent, becomes durable, and a fresh
+/// node reads it.
+#[test]
+fn a_write_is_resent_until_nats_is_back() {
+    let Some(mut nats) = server("a_write_is_resent_until_nats_is_back") else { return };
+    let cfg = nats.cluster_config("n1");
+    let s = chatd::cluster::open_with_ack_timeout(&cfg, Duration::from_secs(15)).unwrap();
+    let t = s.users.put_user("1", &record(1)).unwrap();
+    wait(&s, t);
+    nats.kill();
+    let t = s.users.put_user("2", &record(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(*s.durability.committed().borrow() < t, "not durable while NATS is down");
+    nats.restart().unwrap();
+    wait(&s, t);
+    s.durability.shutdown();
+    let fresh = Stores::open_nats(&cfg).unwrap();
+    assert_eq!(fresh.users.list_users().unwrap(), vec!["1", "2"]);
+    fresh.durability.shutdown();
 }
 
 /// The stores are called from tokio workers: nothing in them may need a

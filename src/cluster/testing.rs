@@ -33,6 +33,19 @@ pub struct LocalNats {
     dir: PathBuf,
     pub port: u16,
     pub http_port: u16,
+    bin: PathBuf,
+}
+
+fn spawn(bin: &Path, dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("nats.log"))?;
+    Command::new(bin)
+        .arg("-c")
+        .arg(dir.join("nats.conf"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -86,16 +99,32 @@ impl LocalNats {
                 dir.join("js")
             ),
         )?;
-        let log = std::fs::File::create(dir.join("nats.log"))?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut me = LocalNats { child, dir, port, http_port };
+        let child = spawn(bin, &dir)?;
+        let mut me = LocalNats { child, dir, port, http_port, bin: bin.to_path_buf() };
+        me.wait_healthy()?;
+        Ok(me)
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same ports
+    /// and data, as after a crash.
+    ///
+    /// # Errors
+    /// When it does not come back healthy within 20 s.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.child = spawn(&self.bin, &self.dir)?;
+        self.wait_healthy()
+    }
+
+    /// Kills the server (SIGKILL), keeping its data for [`LocalNats::restart`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_healthy(&mut self) -> anyhow::Result<()> {
+        let me = self;
+        let http_port = me.http_port;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !healthy(http_port) {
             if let Some(status) = me.child.try_wait()? {
@@ -107,7 +136,7 @@ impl LocalNats {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(me)
+        Ok(())
     }
 
     /// The client URL.
@@ -130,8 +159,7 @@ impl LocalNats {
 
 impl Drop for LocalNats {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
