@@ -7,6 +7,11 @@
 //! operations run, and CPU-heavy key derivation happens in the CLI
 //! process, never in the server.
 //!
+//! With `[cluster]` the accounts live in NATS, shared by every node, so
+//! there is no data directory to lock or socket to try: [`Admin`] opens
+//! the cluster stores, runs the request, and returns once NATS has
+//! acknowledged its writes, whether or not any node runs.
+//!
 //! # Format
 //! One JSON object per line in each direction: a [`Request`], then a
 //! [`Response`].
@@ -85,6 +90,62 @@ pub async fn listen(srv: Arc<Server>) -> anyhow::Result<tokio::task::JoinHandle<
 /// Removes the socket file at shutdown.
 pub fn cleanup(data_dir: &Path) {
     let _ = std::fs::remove_file(socket_path(data_dir));
+}
+
+/// Where `chatd user …` applies its requests.
+pub enum Admin {
+    /// The data directory: through its server's admin socket, or directly.
+    Local(PathBuf),
+    /// The cluster stores, opened once for every request of the command.
+    Cluster(Stores),
+}
+
+/// How long `chatd user …` waits for NATS to acknowledge its writes.
+const CLUSTER_ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Admin {
+    /// The cluster of `[cluster]` if there is one, else the data directory.
+    ///
+    /// # Errors
+    /// NATS unreachable, or the bootstrap refused.
+    pub fn open(cfg: &crate::config::Config) -> anyhow::Result<Admin> {
+        match &cfg.cluster {
+            None => Ok(Admin::Local(cfg.data_dir.clone())),
+            Some(c) => Ok(Admin::Cluster(Stores::open_nats(c).context("opening the cluster store")?)),
+        }
+    }
+
+    /// Runs `req`; on the cluster, returns once its writes are durable.
+    ///
+    /// # Errors
+    /// Store, socket or NATS failures, or the operation's own error.
+    pub fn run(&self, req: Request) -> anyhow::Result<Response> {
+        let stores = match self {
+            Admin::Local(dir) => return run(dir, req),
+            Admin::Cluster(s) => s,
+        };
+        let resp = crate::accounts::service::apply(stores, None, req);
+        if !resp.ok {
+            bail!(resp.error.clone().unwrap_or_else(|| "failed".into()));
+        }
+        // A plain thread (the CLI's): a runtime of its own may block here.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+        rt.block_on(async {
+            let mut rx = stores.durability.committed();
+            tokio::time::timeout(CLUSTER_ACK_TIMEOUT, crate::storage::wait_durable(&mut rx, resp.ticket)).await
+        })
+        .map_err(|_| anyhow!("NATS did not acknowledge the write within {} s", CLUSTER_ACK_TIMEOUT.as_secs()))?
+        .context("the cluster store stopped before the write was acknowledged")?;
+        Ok(resp)
+    }
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        if let Admin::Cluster(s) = self {
+            s.durability.shutdown();
+        }
+    }
 }
 
 /// Client side: runs `req` through a live server if one answers,

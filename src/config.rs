@@ -34,6 +34,67 @@ pub struct Config {
     pub groups: Groups,
     pub delivery: Delivery,
     pub roster: Roster,
+    /// Shared state in a NATS JetStream cluster instead of the embedded
+    /// store. Absent (the default): single node, nothing changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
+}
+
+/// The `[cluster]` section: where the shared state lives.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// This node's name, unique in the cluster (letters, digits, `-`, `_`).
+    pub node_id: String,
+    /// NATS servers to connect to; the client fails over between them.
+    pub nats_urls: Vec<String>,
+    /// Copies of every bucket and stream: 3 (a quorum of 2 survives one
+    /// lost server), or 1 for a single-server test setup.
+    #[serde(default = "Cluster::default_replicas")]
+    pub replicas: usize,
+    /// Offline-queue streams (`Q00`…), fixed when the cluster is first
+    /// set up: an account's partition is a hash of its name modulo this.
+    #[serde(default = "Cluster::default_partitions")]
+    pub partitions: u32,
+    /// NATS credentials file (JWT and NKey seed). Empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credentials: String,
+    /// PEM CA certificate that signs the NATS servers' certificates; set,
+    /// it makes the client require TLS. Empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tls_ca: String,
+}
+
+impl Cluster {
+    fn default_replicas() -> usize {
+        3
+    }
+    fn default_partitions() -> u32 {
+        32
+    }
+
+    /// Checks the section on its own.
+    ///
+    /// # Errors
+    /// The first invalid value found.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.node_id.is_empty()
+            || self.node_id.len() > 64
+            || !self.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            bail!("cluster.node_id must be 1 to 64 letters, digits, '-' or '_'");
+        }
+        if self.nats_urls.is_empty() {
+            bail!("cluster.nats_urls must name at least one NATS server");
+        }
+        if !matches!(self.replicas, 1 | 3 | 5) {
+            bail!("cluster.replicas must be 1, 3 or 5");
+        }
+        if !(1..=256).contains(&self.partitions) {
+            bail!("cluster.partitions must be between 1 and 256");
+        }
+        Ok(())
+    }
 }
 
 /// Memory and rate bounds of message delivery to and from one session.
@@ -303,6 +364,7 @@ impl Default for Config {
             groups: Groups::default(),
             delivery: Delivery::default(),
             roster: Roster::default(),
+            cluster: None,
         }
     }
 }
@@ -461,6 +523,9 @@ impl Config {
             bail!("phone.default_region {:?} is not a region code", self.phone.default_region);
         }
         self.media.validate()?;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         for a in [&self.listen.c2s, &self.listen.c2s_tls, &self.listen.http] {
             if !a.is_empty() {
                 parse_addr(a)?;
@@ -508,6 +573,24 @@ mod tests {
         assert_eq!(c.domain, "example.org");
         assert_eq!(c.listen.c2s, "127.0.0.1:0");
         assert!(c.listen.allow_plaintext);
+    }
+
+    #[test]
+    fn cluster_section_defaults_and_checks() {
+        let c: Config = toml::from_str("[cluster]\nnode_id = \"n1\"\nnats_urls = [\"nats://127.0.0.1:4222\"]").unwrap();
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!((cl.replicas, cl.partitions), (3, 32));
+        assert!(c.validate().is_ok());
+        let bad = |extra: &str| {
+            let t = format!("[cluster]\nnode_id = \"n1\"\nnats_urls = [\"nats://x:1\"]\n{extra}");
+            toml::from_str::<Config>(&t).map_err(anyhow::Error::from).and_then(|c| c.validate())
+        };
+        assert!(bad("replicas = 2").is_err(), "an even replica count has no majority advantage");
+        assert!(bad("replicas = 1").is_ok());
+        assert!(bad("partitions = 0").is_err());
+        assert!(bad("nope = 1").is_err(), "unknown keys are refused in [cluster] too");
+        assert!(toml::from_str::<Config>("[cluster]\nnode_id = \"a.b\"\nnats_urls = []").unwrap().validate().is_err());
+        assert!(Config::default().cluster.is_none(), "without [cluster] the node is single");
     }
 
     #[test]

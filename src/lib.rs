@@ -20,6 +20,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api;
 pub mod c2s;
+pub mod cluster;
 pub mod config;
 pub mod fuzz;
 pub mod hooks;

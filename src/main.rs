@@ -91,7 +91,7 @@ enum UserCmd {
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHATD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn,async_nats=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -132,7 +132,7 @@ fn local(cfg: &Config, phone: &str) -> anyhow::Result<String> {
 }
 
 fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
-    let dir = &cfg.data_dir;
+    let adm = admin::Admin::open(cfg)?;
     let iters = cfg.auth.scram_iterations;
     match cmd {
         UserCmd::Add { phone, password } => {
@@ -140,12 +140,12 @@ fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
             let password = password_or_prompt(password)?;
             check_password(&password)?;
             let rec = make_record(&password, iters, now_ms());
-            admin::run(dir, Request::Put { users: vec![(l.clone(), rec)], replace: false, must_exist: false })?;
+            adm.run(Request::Put { users: vec![(l.clone(), rec)], replace: false, must_exist: false })?;
             println!("added {l}@{}", cfg.domain);
         }
         UserCmd::Del { phone } => {
             let l = local(cfg, &phone)?;
-            admin::run(dir, Request::Delete { local: l.clone() })?;
+            adm.run(Request::Delete { local: l.clone() })?;
             println!("deleted {l}@{}", cfg.domain);
         }
         UserCmd::Passwd { phone, password } => {
@@ -154,16 +154,16 @@ fn user(cfg: &Config, cmd: UserCmd) -> anyhow::Result<()> {
             check_password(&password)?;
             let mut rec = make_record(&password, iters, now_ms());
             rec.key_generation = 1;
-            admin::run(dir, Request::Put { users: vec![(l.clone(), rec)], replace: true, must_exist: true })?;
+            adm.run(Request::Put { users: vec![(l.clone(), rec)], replace: true, must_exist: true })?;
             println!("password changed for {l}@{}", cfg.domain);
         }
         UserCmd::List => {
-            let r = admin::run(dir, Request::List)?;
+            let r = adm.run(Request::List)?;
             for u in r.users {
                 println!("{u}@{}", cfg.domain);
             }
         }
-        UserCmd::Import { file } => import(cfg, &file)?,
+        UserCmd::Import { file } => import(cfg, &adm, &file)?,
     }
     Ok(())
 }
@@ -230,7 +230,7 @@ fn check_password(p: &str) -> anyhow::Result<()> {
 
 /// Imports `phone,password` rows: validates every row first (nothing is
 /// written if one is bad), derives keys on all cores, writes in chunks.
-fn import(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
+fn import(cfg: &Config, adm: &admin::Admin, file: &std::path::Path) -> anyhow::Result<()> {
     let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
     let mut rows = Vec::new();
     let mut errors = Vec::new();
@@ -281,7 +281,7 @@ fn import(cfg: &Config, file: &std::path::Path) -> anyhow::Result<()> {
     });
     let mut total = 0;
     for part in records.chunks(5000) {
-        let r = admin::run(&cfg.data_dir, Request::Put { users: part.to_vec(), replace: true, must_exist: false })?;
+        let r = adm.run(Request::Put { users: part.to_vec(), replace: true, must_exist: false })?;
         total += r.count;
     }
     eprintln!("imported {total} accounts in {:.1}s", started.elapsed().as_secs_f64());

@@ -189,6 +189,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.role == crate::config::Role::Media {
         return serve_media(cfg).await;
     }
+    if cfg.cluster.is_some() {
+        // Refused rather than ignored: a node that silently ran alone on
+        // its own data directory would split the accounts.
+        anyhow::bail!(
+            "`chatd serve` does not run with [cluster] yet (cross-node delivery is not built); \
+             the cluster storage is usable through `chatd user … --config`. Remove [cluster] to serve a single node"
+        );
+    }
     check_plaintext(&cfg)?;
     secure_data_dir(&cfg.data_dir)?;
     let stores =

@@ -6,8 +6,9 @@
 //! fjall (in a fresh directory); model tests then drive both engines with
 //! the same random operation sequences (queues; accounts, rosters,
 //! settings and groups) and compare every answer, and a persistent engine
-//! must keep what it made durable across a reopen. A new engine (the
-//! cluster's) joins by adding one line to `engines!`.
+//! must keep what it made durable across a reopen. A new engine joins by
+//! adding one line to `engines!`; the cluster engine (`on_nats`) runs
+//! every case on a nats-server of its own.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,6 +39,8 @@ impl Drop for TempDir {
 struct Engine {
     stores: Stores,
     _dir: Option<TempDir>,
+    /// Declared last: the server outlives the stores' shutdown.
+    _nats: Option<chatd::cluster::testing::LocalNats>,
 }
 
 impl Drop for Engine {
@@ -47,13 +50,31 @@ impl Drop for Engine {
 }
 
 fn memory(_: &str) -> Engine {
-    Engine { stores: Stores::memory(), _dir: None }
+    Engine { stores: Stores::memory(), _dir: None, _nats: None }
 }
 
 fn fjall(name: &str) -> Engine {
     let dir = TempDir::new(name);
     let stores = Stores::open_fjall(&dir.0).expect("open fjall");
-    Engine { stores, _dir: Some(dir) }
+    Engine { stores, _dir: Some(dir), _nats: None }
+}
+
+/// The cluster engine on a nats-server of its own (one replica), or
+/// `None` with the reason printed when the nats-server binary is missing
+/// (`scripts/test.sh` installs it and sets `NATS_SERVER_BIN`). With
+/// `CHATD_CI=1` a missing binary fails the case instead.
+fn nats(name: &str) -> Option<Engine> {
+    let Some(bin) = chatd::cluster::testing::nats_server_bin() else {
+        assert!(
+            std::env::var("CHATD_CI").as_deref() != Ok("1"),
+            "CHATD_CI=1 and no nats-server: set NATS_SERVER_BIN or run scripts/test.sh"
+        );
+        eprintln!("skipping the NATS case {name}: no nats-server (set NATS_SERVER_BIN, or run scripts/test.sh)");
+        return None;
+    };
+    let server = chatd::cluster::testing::LocalNats::start(&bin).expect("start nats-server");
+    let stores = Stores::open_nats(&server.cluster_config(name)).expect("open the cluster store");
+    Some(Engine { stores, _dir: None, _nats: Some(server) })
 }
 
 /// Instantiates every case for every engine: `case_engine`.
@@ -61,6 +82,7 @@ macro_rules! engines {
     ($($case:ident),* $(,)?) => {
         mod on_memory { $(#[test] fn $case() { super::$case(super::memory(stringify!($case))); })* }
         mod on_fjall { $(#[test] fn $case() { super::$case(super::fjall(stringify!($case))); })* }
+        mod on_nats { $(#[test] fn $case() { if let Some(e) = super::nats(stringify!($case)) { super::$case(e) } })* }
     };
 }
 
@@ -409,17 +431,29 @@ impl Rng {
     }
 }
 
-/// Both engines get the same 3,000 random operations over accounts whose
-/// names prefix each other; every answer must be the same.
 #[test]
 fn engines_agree_on_random_operations() {
-    let (a, b) = (memory("model"), fjall("model"));
+    queues_agree(memory("model"), fjall("model"), 3000);
+}
+
+/// The cluster engine against the model, shorter: its queue reads are
+/// round trips to the stream leader.
+#[test]
+fn nats_agrees_on_random_operations() {
+    if let Some(n) = nats("model") {
+        queues_agree(memory("model-n"), n, 800);
+    }
+}
+
+/// Both engines get the same `steps` random operations over accounts
+/// whose names prefix each other; every answer must be the same.
+fn queues_agree(a: Engine, b: Engine, steps: u64) {
     let (ma, mb) = (&a.stores, &b.stores);
     let names = ["1555", "15551", "155512", "2"];
     let senders = ["a@localhost", "b@localhost", "g@groups.localhost"];
     let mut next_seq = [0u64; 4];
     let mut rng = Rng(0x2545_F491_4F6C_DD1D);
-    for step in 0..3000 {
+    for step in 0..steps {
         let who = rng.below(names.len() as u64) as usize;
         let local = names[who];
         match rng.below(10) {
@@ -484,12 +518,22 @@ fn engines_agree_on_random_operations() {
     }
 }
 
+#[test]
+fn engines_agree_on_accounts_rosters_settings_and_groups() {
+    records_agree(memory("model2"), fjall("model2"), 3000);
+}
+
+#[test]
+fn nats_agrees_on_accounts_rosters_settings_and_groups() {
+    if let Some(n) = nats("model2") {
+        records_agree(memory("model2-n"), n, 3000);
+    }
+}
+
 /// Both engines get the same random writes to accounts, rosters,
 /// settings and groups (names and contacts that prefix each other, groups
 /// changing membership); every read must agree.
-#[test]
-fn engines_agree_on_accounts_rosters_settings_and_groups() {
-    let (a, b) = (memory("model2"), fjall("model2"));
+fn records_agree(a: Engine, b: Engine, steps: u64) {
     let (ma, mb) = (&a.stores, &b.stores);
     let names = ["1555", "15551", "155512", "2"];
     let contacts = ["1@localhost", "1@localhost.x", "12@localhost", "g@groups.localhost"];
@@ -498,7 +542,7 @@ fn engines_agree_on_accounts_rosters_settings_and_groups() {
     // The current version of each group, so every write names its predecessor.
     let mut groups: std::collections::BTreeMap<String, Group> = Default::default();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    for step in 0..3000 {
+    for step in 0..steps {
         let local = names[rng.below(names.len() as u64) as usize];
         let contact = contacts[rng.below(contacts.len() as u64) as usize];
         match rng.below(12) {

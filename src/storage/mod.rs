@@ -5,9 +5,8 @@
 //! Two engines implement them:
 //! - [`fjall_store::FjallStore`]: the embedded, durable default, with a
 //!   group-commit writer thread;
-//! - [`memory::MemoryStore`]: in-process maps for unit tests.
-//!
-//! A clustered backend implements the same traits.
+//! - [`memory::MemoryStore`]: in-process maps for unit tests;
+//! - [`crate::cluster`]: NATS JetStream, shared by the nodes of a cluster.
 //!
 //! ## Write tickets
 //! Every mutating call returns a [`Ticket`]: a position in the store's
@@ -392,6 +391,16 @@ impl Stores {
             groups: m.clone(),
             durability: m,
         }
+    }
+
+    /// Connects to the NATS JetStream cluster of `[cluster]` (see
+    /// [`crate::cluster::open`]: synchronous, creates what is missing,
+    /// loads the mirrors before it returns).
+    ///
+    /// # Errors
+    /// [`StoreError::Engine`] naming the servers when NATS is unreachable.
+    pub fn open_nats(cfg: &crate::config::Cluster) -> Result<Stores> {
+        crate::cluster::open(cfg)
     }
 
     /// Opens the embedded engine in `dir`.
