@@ -108,7 +108,6 @@ pub struct IqRequest<'a> {
     /// The iq's first child element.
     pub payload: &'a Element,
     pub to: Option<&'a Jid>,
-    pub target: IqTarget,
 }
 
 pub type IqHandler = fn(&mut Session, &IqRequest<'_>);
@@ -164,7 +163,6 @@ pub struct Hooks {
     account_disco_features: Vec<&'static str>,
     disco_extensions: Vec<DiscoExtension>,
     features: Vec<(FeaturePhase, StreamFeature)>,
-    modules: Vec<(&'static str, &'static [&'static str])>,
 }
 
 impl Hooks {
@@ -172,7 +170,7 @@ impl Hooks {
     pub fn build(modules: &[&Module]) -> Hooks {
         let mut h = Hooks::default();
         for m in modules {
-            h.modules.push((m.name, m.specs));
+            tracing::debug!(module = m.name, specs = ?m.specs, "module loaded");
             (m.register)(&mut h);
         }
         // Stable: equal priorities keep registration order.
@@ -290,11 +288,6 @@ impl Hooks {
 
     pub fn disco_extensions(&self) -> &[DiscoExtension] {
         &self.disco_extensions
-    }
-
-    /// Names and specifications of the registered modules.
-    pub fn modules(&self) -> &[(&'static str, &'static [&'static str])] {
-        &self.modules
     }
 }
 

@@ -124,7 +124,7 @@ pub fn handle(s: &mut Session, iq: Element, to: Option<Jid>) {
 fn dispatch(s: &mut Session, iq: &Element, payload: &Element, to: Option<&Jid>, target: IqTarget, typ: IqType) {
     let srv = s.srv.clone();
     match srv.hooks.iq_handler(target, typ, &payload.ns, payload.local_name()) {
-        Some(f) => f(s, &IqRequest { iq, payload, to, target }),
+        Some(f) => f(s, &IqRequest { iq, payload, to }),
         None => s.reply_error(iq, StanzaError::ServiceUnavailable),
     }
 }

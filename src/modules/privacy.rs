@@ -185,7 +185,7 @@ impl PolicyCache {
         g.prev.remove(local);
     }
 
-    /// Entries held (for tests of the bound).
+    /// Entries held.
     pub fn len(&self) -> usize {
         (0..CACHE_SHARDS)
             .map(|i| match self.shards[i].lock() {
@@ -372,4 +372,24 @@ pub fn handle_last(s: &mut Session, iq: &Element, to: Option<&Jid>) {
     r.set_attr("to", s.jid.to_string());
     r.push(Element::new("query", LAST).with_attr("seconds", seconds.to_string()));
     s.send(&r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However many accounts are looked up, the cache holds at most two
+    /// generations of its capacity, and an account in use stays cached.
+    #[test]
+    fn policy_cache_is_bounded_and_keeps_what_is_used() {
+        let c = PolicyCache::new(64);
+        c.insert("hot", Arc::new(Policy::default()));
+        for i in 0..10_000 {
+            c.insert(&format!("1555{i:07}"), Arc::new(Policy::default()));
+            assert!(c.get("hot").is_some(), "an account in use is not forgotten");
+        }
+        assert!(c.len() <= 2 * 64 + CACHE_SHARDS, "{} entries for a capacity of 64", c.len());
+        c.forget("hot");
+        assert!(c.get("hot").is_none());
+    }
 }
